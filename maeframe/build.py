@@ -1,0 +1,90 @@
+"""From a recipe file to validated, constructed components (used by `validate` and by every engine)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pluggy
+
+from .dataset import Dataset
+from .errors import RecipeError
+from .loss import Loss
+from .masker import Masker
+from .plugins import make_plugin_manager
+from .recipe import Recipe, load_recipe, parse_recipe, resolve_options
+from .registry import Registry
+from .target import Target
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class Components:
+    """The per-step objects a recipe selects. losses: (name, weight, loss) in recipe order."""
+
+    tokenizer: Tokenizer
+    masker: Masker
+    target: Target
+    losses: list[tuple[str, float, Loss]]
+
+
+@dataclass
+class Prepared:
+    recipe: Recipe
+    pm: pluggy.PluginManager
+    registry: Registry
+    components: Components
+
+
+def _construct(path: str, factory, *args):
+    try:
+        return factory(*args)
+    except (ValueError, TypeError) as err:
+        raise RecipeError([(path, f"{type(err).__name__}: {err}")]) from err
+
+
+def prepare(recipe: Recipe | str | Path, overrides: list[str] = ()) -> Prepared:
+    """Validate a recipe fully (schema, component options, construction, plugin checks) and build the
+    per-step components. Touches no data and writes nothing."""
+    source = "recipe"
+    if not isinstance(recipe, Recipe):
+        source = str(recipe)
+        recipe = load_recipe(recipe, overrides)
+    pm = make_plugin_manager(recipe.plugins)
+    registry = Registry(pm)
+    try:
+        options = resolve_options(recipe, registry)
+        get = lambda kind, ref: registry.get(kind, ref.name).cls  # noqa: E731
+        tokenizer = _construct("tokenizer", get("tokenizer", recipe.tokenizer), options["tokenizer"])
+        masker = _construct("masker", get("masker", recipe.masker), options["masker"], tokenizer.spec)
+        target = _construct("target", get("target", recipe.target), options["target"], tokenizer)
+        losses = [(ref.name, ref.weight, _construct(f"losses.{i}", get("loss", ref), options[f"losses.{i}"], tokenizer))
+                  for i, ref in enumerate(recipe.losses)]
+        _run_validate_hook(pm, recipe)
+    except RecipeError as err:
+        raise RecipeError(err.problems, source) from err
+    return Prepared(recipe, pm, registry, Components(tokenizer, masker, target, losses))
+
+
+def _run_validate_hook(pm: pluggy.PluginManager, recipe: Recipe) -> None:
+    for impl in pm.hook.validate_recipe.get_hookimpls():
+        try:
+            impl.function(recipe=recipe)
+        except ValueError as err:
+            path, sep, message = str(err).partition(": ")
+            raise RecipeError([(path, message) if sep else ("recipe", str(err))]) from err
+
+
+def build_dataset(prepared: Prepared, train: bool = True) -> Dataset:
+    """Construct the training dataset at the tokenizer's input shape."""
+    recipe = prepared.recipe
+    entry = prepared.registry.get("dataset", recipe.data.train.name)
+    options = entry.cls.Options.model_validate(recipe.data.train.options)
+    try:
+        return entry.cls(options, prepared.components.tokenizer.input_shape, train)
+    except ValueError as err:
+        raise RecipeError([("data.train", str(err))]) from err
+
+
+def reparse(recipe: Recipe) -> Recipe:
+    """A deep copy of a recipe through its JSON form (used to compare a checkpoint's recipe)."""
+    return parse_recipe(recipe.model_dump(mode="json"))

@@ -1,0 +1,34 @@
+"""The base every plugin-supplied component derives from: declared options and resumable state."""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Options(BaseModel):
+    """Base of each component's options; unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Component:
+    """A named building block a recipe selects, e.g. a masker or a target.
+
+    Subclasses declare `Options` (a pydantic model with a description on every field). Components with
+    state that must survive a resume (a schedule's position, an EMA teacher) override `state_dict` and
+    `load_state_dict`; the engine saves them in every checkpoint.
+    """
+
+    Options: ClassVar[type[Options]] = Options
+    kind: ClassVar[str] = "component"
+
+    def __init__(self, options: Options):
+        self.options = options
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} has no state but the checkpoint holds {sorted(state)}")

@@ -1,0 +1,34 @@
+"""Datasets are components and torch datasets at once: they yield (sample, label) pairs."""
+from __future__ import annotations
+
+from abc import abstractmethod
+
+import torch
+from torch import Tensor
+
+from .component import Component, Options
+
+
+class Dataset(Component, torch.utils.data.Dataset):
+    """Yields (sample [*input_shape] float tensor, label int) pairs.
+
+    `input_shape` comes from the tokenizer, so a dataset resizes and crops to what the model expects.
+    `train` selects the augmented training pipeline versus the deterministic evaluation one.
+    """
+
+    kind = "dataset"
+
+    def __init__(self, options: Options, input_shape: tuple[int, ...], train: bool):
+        Component.__init__(self, options)
+        self.input_shape = input_shape
+        self.train = train
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def __getitem__(self, index: int) -> tuple[Tensor, int]: ...
+
+    def denormalize(self, batch: Tensor) -> Tensor:
+        """Undo input normalisation for display: [B, *input_shape] -> values in [0, 1]."""
+        return batch

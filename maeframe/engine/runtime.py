@@ -1,0 +1,72 @@
+"""Device, precision, seeding and the RNG state that exact resume saves and restores."""
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..recipe import RuntimeConfig
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and in which precision a run computes."""
+
+    device: torch.device
+    precision: str  # bf16 | fp16 | fp32
+
+    def autocast(self):
+        """Mixed precision for the model's forward; a no-op in fp32."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=DTYPES[self.precision])
+
+    @property
+    def uses_scaler(self) -> bool:
+        return self.precision == "fp16"
+
+
+def select_runtime(config: RuntimeConfig) -> Runtime:
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("runtime.device is 'cuda' but no CUDA device is available")
+    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
+                          config.device if config.device != "auto" else "cpu")
+    precision = config.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return Runtime(device, precision)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _numpy_state() -> tuple:
+    """numpy's global RNG state with its key array as a tensor, so weights_only loading accepts it."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)
+
+
+def rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": _numpy_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

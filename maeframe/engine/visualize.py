@@ -1,0 +1,43 @@
+"""Reconstruction pictures: rows of original | masked | reconstruction | reconstruction + visible."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torchvision.utils import save_image
+
+from ..build import Components
+from ..dataset import Dataset
+from ..loss import Prediction
+from ..masker import Mask
+from ..tokenizer import Tokens
+
+MIN_SIDE = 112  # small images (e.g. 28² Fashion-MNIST) are enlarged with nearest-neighbour for viewing
+
+
+def reconstruction_panels(components: Components, dataset: Dataset, tokens: Tokens, mask: Mask,
+                          prediction: Prediction) -> torch.Tensor | None:
+    """[B, 4, C, H, W] display images in [0, 1], or None when the target or data cannot be drawn."""
+    tokenizer = components.tokenizer
+    recon = components.target.reconstruct(prediction.values.float(), tokens)
+    original = dataset.denormalize(tokens.source.float())
+    if recon is None or original.dim() != 4:
+        return None
+    hidden = mask.masked.unsqueeze(-1)
+    shown = tokenizer.tokenize(original).patches
+    masked = tokenizer.untokenize(shown * (1 - hidden) + 0.5 * hidden)
+    reconstruction = dataset.denormalize(tokenizer.untokenize(recon))
+    pasted = tokenizer.untokenize(shown * (1 - hidden) + tokenizer.tokenize(reconstruction).patches * hidden)
+    return torch.stack([original, masked, reconstruction, pasted], dim=1).clamp(0, 1)
+
+
+def save_panels(panels: torch.Tensor, path: Path) -> None:
+    b, k, c, h, w = panels.shape
+    images = panels.reshape(b * k, c, h, w)
+    scale = math.ceil(MIN_SIDE / min(h, w))
+    if scale > 1:
+        images = F.interpolate(images, scale_factor=scale, mode="nearest")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(images, path, nrow=k, padding=2, pad_value=1.0)

@@ -1,0 +1,71 @@
+"""Every hook a maeframe plugin can implement. Bodies are docstrings only; grouped by phase.
+
+Registration hooks receive a `register(name, cls)` callback; the core checks names, base classes and
+duplicates, and records which plugin supplied each component. No hook is called per training step.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("maeframe")
+hookimpl = pluggy.HookimplMarker("maeframe")
+
+Register = Callable[[str, type], None]
+
+
+# --- registration (called once, when the registry is built) ---------------------------------------
+
+@hookspec
+def register_tokenizers(register: Register) -> None:
+    """Register `maeframe.Tokenizer` subclasses: register("image_patch", ImagePatchTokenizer)."""
+
+
+@hookspec
+def register_maskers(register: Register) -> None:
+    """Register `maeframe.Masker` subclasses."""
+
+
+@hookspec
+def register_targets(register: Register) -> None:
+    """Register `maeframe.Target` subclasses."""
+
+
+@hookspec
+def register_losses(register: Register) -> None:
+    """Register `maeframe.Loss` subclasses."""
+
+
+@hookspec
+def register_datasets(register: Register) -> None:
+    """Register `maeframe.Dataset` subclasses."""
+
+
+# --- recipe ---------------------------------------------------------------------------------------
+
+@hookspec
+def validate_recipe(recipe: Any) -> None:
+    """Inspect a fully validated `Recipe`; raise ValueError("field.path: message") to reject it."""
+
+
+# --- lifecycle (coarse: per run and per epoch, never per step) -------------------------------------
+
+@hookspec
+def on_train_start(run: Any) -> None:
+    """The run is built (model, data, optimizer) and about to train. `run` is the engine's `Run`."""
+
+
+@hookspec
+def log_metrics(step: int, metrics: dict[str, float]) -> None:
+    """Called at each logging interval with the values written to metrics.jsonl."""
+
+
+@hookspec
+def on_epoch_end(run: Any, epoch: int, metrics: dict[str, float]) -> None:
+    """An epoch finished (after its checkpoint, if one was due)."""
+
+
+@hookspec
+def on_train_end(run: Any, metrics: dict[str, float]) -> None:
+    """Training finished normally; `metrics` holds the last logged values."""

@@ -1,0 +1,50 @@
+"""MaskedAutoencoder: encoder over visible tokens, decoder over all positions. No loss inside."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..loss import Prediction
+from ..masker import Mask
+from ..recipe import ModelConfig
+from ..tokenizer import TokenSpec
+from .vit import Decoder, Encoder
+
+
+class MaskedAutoencoder(nn.Module):
+    """Built from the tokenizer's `TokenSpec` and the target's output size."""
+
+    def __init__(self, spec: TokenSpec, out_dim: int, config: ModelConfig):
+        super().__init__()
+        self.spec = spec
+        self.encoder = Encoder(spec.grid, spec.patch_dim, config.embed_dim, config.depth, config.num_heads,
+                               config.mlp_ratio, config.drop_path)
+        self.decoder = Decoder(spec.grid, config.embed_dim, out_dim, config.decoder_embed_dim,
+                               config.decoder_depth, config.decoder_num_heads, config.mlp_ratio)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """MAE initialisation: xavier-uniform Linear weights (the patch embedding seen as a matrix),
+        zero biases, unit LayerNorms, N(0, 0.02) cls and mask tokens."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.encoder.cls_token, std=0.02)
+        nn.init.normal_(self.decoder.mask_token, std=0.02)
+
+    def forward(self, patches: Tensor, mask: Mask) -> Prediction:
+        """patches [B, N, patch_dim] -> Prediction(values [B, N, out_dim], latent [B, 1 + V, D])."""
+        latent = self.encoder(patches, mask.ids_keep)
+        return Prediction(self.decoder(latent, mask.ids_restore), latent)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"encoder.cls_token", "decoder.mask_token"}
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+

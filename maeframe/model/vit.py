@@ -1,0 +1,76 @@
+"""ViT encoder over visible tokens and the lightweight MAE decoder, built from timm's `Block`."""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+from .pos_embed import sincos_pos_embed
+
+LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+
+
+def gather_tokens(x: Tensor, ids: Tensor) -> Tensor:
+    """x [B, N, D], ids [B, K] -> [B, K, D]."""
+    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def make_blocks(dim: int, depth: int, heads: int, mlp_ratio: float, drop_path: float = 0.0) -> nn.Sequential:
+    rates = torch.linspace(0, drop_path, depth).tolist()
+    return nn.Sequential(*[
+        Block(dim, heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm, drop_path=rate) for rate in rates
+    ])
+
+
+class Encoder(nn.Module):
+    """Patch embedding + fixed sin-cos positions + cls token + transformer blocks + final norm.
+
+    The patch embedding is a Linear over flat patches (equal to the stride-p convolution of the reference)
+    and runs on visible patches only.
+    """
+
+    def __init__(self, grid: tuple[int, ...], patch_dim: int, embed_dim: int, depth: int, num_heads: int,
+                 mlp_ratio: float = 4.0, drop_path: float = 0.0):
+        super().__init__()
+        self.grid = tuple(grid)
+        self.embed_dim = embed_dim
+        self.patch_embed = nn.Linear(patch_dim, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.register_buffer("pos_embed", sincos_pos_embed(self.grid, embed_dim)[None], persistent=False)
+        self.blocks = make_blocks(embed_dim, depth, num_heads, mlp_ratio, drop_path)
+        self.norm = LayerNorm(embed_dim)
+
+    def forward(self, patches: Tensor, ids_keep: Tensor | None = None) -> Tensor:
+        """patches [B, N, patch_dim], ids_keep [B, V] (None = all N tokens) -> latent [B, 1 + V, D]."""
+        pos = self.pos_embed.expand(patches.shape[0], -1, -1)
+        if ids_keep is not None:
+            patches, pos = gather_tokens(patches, ids_keep), gather_tokens(pos, ids_keep)
+        x = self.patch_embed(patches) + pos
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.norm(self.blocks(x))
+
+
+class Decoder(nn.Module):
+    """Projects the latent, fills hidden positions with a shared mask token, and predicts every token."""
+
+    def __init__(self, grid: tuple[int, ...], encoder_dim: int, out_dim: int, embed_dim: int, depth: int,
+                 num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.embed = nn.Linear(encoder_dim, embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.register_buffer("pos_embed", sincos_pos_embed(tuple(grid), embed_dim)[None], persistent=False)
+        self.blocks = make_blocks(embed_dim, depth, num_heads, mlp_ratio)
+        self.norm = LayerNorm(embed_dim)
+        self.head = nn.Linear(embed_dim, out_dim)
+
+    def forward(self, latent: Tensor, ids_restore: Tensor) -> Tensor:
+        """latent [B, 1 + V, D_enc], ids_restore [B, N] -> predictions [B, N, out_dim]."""
+        x = self.embed(latent)
+        cls, visible = x[:, :1], x[:, 1:]
+        hidden = ids_restore.shape[1] - visible.shape[1]
+        x = torch.cat([visible, self.mask_token.expand(x.shape[0], hidden, -1)], dim=1)
+        x = gather_tokens(x, ids_restore) + self.pos_embed
+        x = self.norm(self.blocks(torch.cat([cls, x], dim=1)))
+        return self.head(x[:, 1:])

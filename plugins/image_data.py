@@ -1,0 +1,155 @@
+"""Image datasets: any ImageFolder tree, and real Fashion-MNIST read from its IDX files.
+
+Both produce [C, H, W] float tensors of the tokenizer's input shape. Training applies MAE's augmentation
+(RandomResizedCrop + horizontal flip); evaluation resizes and centre-crops. Both normalise by mean/std.
+"""
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import Field
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import Tensor
+from torchvision import datasets
+from torchvision.transforms import v2
+
+from maeframe import Dataset, Options, hookimpl
+
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_HINT = ("install it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu; `make data` does it) "
+                      "or point data.train.options.root at a folder holding the four *-ubyte.gz files")
+
+
+class ImageAugmentOptions(Options):
+    crop_scale: tuple[float, float] = Field((0.2, 1.0), description="RandomResizedCrop area range (training)")
+    hflip: bool = Field(True, description="random horizontal flip (training)")
+    mean: tuple[float, ...] = Field(IMAGENET_DEFAULT_MEAN, description="per-channel normalisation mean")
+    std: tuple[float, ...] = Field(IMAGENET_DEFAULT_STD, description="per-channel normalisation std")
+
+
+class ImageDataset(Dataset):
+    """Shared transform pipeline; subclasses provide `_load(index) -> (uint8 or float [C, H, W], label)`."""
+
+    def __init__(self, options: ImageAugmentOptions, input_shape: tuple[int, ...], train: bool):
+        super().__init__(options, input_shape, train)
+        channels, height, width = input_shape
+        for field in ("mean", "std"):
+            if len(getattr(options, field)) != channels:
+                raise ValueError(f"{field} has {len(getattr(options, field))} values but the tokenizer "
+                                 f"expects {channels} channels")
+        size = (height, width)
+        if train:
+            geometry = [v2.RandomResizedCrop(size, scale=options.crop_scale,
+                                             interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]
+            geometry += [v2.RandomHorizontalFlip()] if options.hflip else []
+        else:
+            geometry = [v2.Resize(int(round(min(size) / 0.875)) if min(size) >= 64 else min(size),
+                                  interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                        v2.CenterCrop(size)]
+        self.transform = v2.Compose([*geometry, v2.ToDtype(torch.float32, scale=True),
+                                     v2.Normalize(options.mean, options.std)])
+        self._mean = torch.tensor(options.mean).view(1, -1, 1, 1)
+        self._std = torch.tensor(options.std).view(1, -1, 1, 1)
+
+    def _fit_channels(self, image: Tensor) -> Tensor:
+        channels = self.input_shape[0]
+        if image.shape[0] == channels:
+            return image
+        if image.shape[0] == 1:
+            return image.expand(channels, -1, -1)
+        raise ValueError(f"image has {image.shape[0]} channels, the tokenizer expects {channels}")
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image, label = self._load(index)
+        return self.transform(self._fit_channels(image)), label
+
+    def denormalize(self, batch: Tensor) -> Tensor:
+        return (batch * self._std.to(batch.device) + self._mean.to(batch.device)).clamp(0, 1)
+
+
+class ImageFolderOptions(ImageAugmentOptions):
+    root: str = Field(description="folder with one sub-folder of images per class (torchvision ImageFolder)")
+
+
+class ImageFolderDataset(ImageDataset):
+    """`root/<class>/<image>` trees, listed by torchvision's ImageFolder and decoded with PIL."""
+
+    Options = ImageFolderOptions
+
+    def __init__(self, options: ImageFolderOptions, input_shape: tuple[int, ...], train: bool):
+        super().__init__(options, input_shape, train)
+        root = Path(options.root).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"image_folder: root {str(root)!r} is not a directory")
+        self.folder = datasets.ImageFolder(str(root))
+        self.classes = self.folder.classes
+
+    def __len__(self) -> int:
+        return len(self.folder.samples)
+
+    def _load(self, index: int) -> tuple[Tensor, int]:
+        path, label = self.folder.samples[index]
+        image = self.folder.loader(path)
+        if self.input_shape[0] == 1:
+            image = image.convert("L")
+        return v2.functional.pil_to_tensor(image), label
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read a (gzipped) IDX file, the format of MNIST and Fashion-MNIST, into a uint8 array."""
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as handle:
+        data = handle.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte IDX file")
+    rank = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(rank))
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * rank)
+    if body.size != int(np.prod(shape)):
+        raise ValueError(f"{path}: header says {shape} but holds {body.size} values (truncated?)")
+    return body.reshape(shape)
+
+
+class FashionMNISTOptions(ImageAugmentOptions):
+    root: str = Field(FASHION_MNIST_ROOT, description="folder with the Fashion-MNIST *-ubyte.gz files")
+    split: str = Field("train", pattern="^(train|test)$", description="train (60k) or test (10k)")
+    limit: int | None = Field(None, gt=0, description="use only the first N images (quick runs)")
+    mean: tuple[float, ...] = Field((0.2860,), description="per-channel normalisation mean")
+    std: tuple[float, ...] = Field((0.3530,), description="per-channel normalisation std")
+    crop_scale: tuple[float, float] = Field((0.35, 1.0), description="RandomResizedCrop area range (training)")
+
+
+class FashionMNISTDataset(ImageDataset):
+    """Zalando's Fashion-MNIST: 28×28 grayscale clothing images in 10 classes, held in memory."""
+
+    Options = FashionMNISTOptions
+    classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+               "Ankle boot"]
+
+    def __init__(self, options: FashionMNISTOptions, input_shape: tuple[int, ...], train: bool):
+        super().__init__(options, input_shape, train)
+        prefix = "train" if options.split == "train" else "t10k"
+        root = Path(options.root).expanduser()
+        files = [root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz"]
+        for file in files:
+            if not file.is_file():
+                raise FileNotFoundError(f"fashion_mnist: {file} not found; {FASHION_MNIST_HINT}")
+        images, labels = read_idx(files[0]), read_idx(files[1])
+        if options.limit:
+            images, labels = images[: options.limit], labels[: options.limit]
+        self.images = torch.from_numpy(images.copy())
+        self.labels = torch.from_numpy(labels.astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _load(self, index: int) -> tuple[Tensor, int]:
+        return self.images[index][None], int(self.labels[index])
+
+
+@hookimpl
+def register_datasets(register):
+    register("image_folder", ImageFolderDataset)
+    register("fashion_mnist", FashionMNISTDataset)
