@@ -6,6 +6,7 @@ then looks each component up in the registry and validates its `options` against
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -104,6 +105,15 @@ class Recipe(Strict):
 
 # --- loading --------------------------------------------------------------------------------------
 
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def parse_value(raw: str) -> Any:
+    """YAML scalar parsing, plus '1e-3'-style numbers that YAML 1.1 would leave as strings."""
+    value = yaml.safe_load(raw)
+    return float(value) if isinstance(value, str) and _NUMBER.match(value) else value
+
+
 def apply_override(tree: dict[str, Any], assignment: str) -> None:
     """Apply 'a.b.c=value' to a nested dict; value is parsed as YAML ('1e-3' -> float, 'null' -> None)."""
     key, sep, raw = assignment.partition("=")
@@ -125,7 +135,7 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
         else:
             raise RecipeError([(key, f"{'.'.join(parts[:i])} is not a mapping")], "command line")
         if last:
-            node[index] = yaml.safe_load(raw)
+            node[index] = parse_value(raw)
         else:
             node = node[index]
 

@@ -1,0 +1,39 @@
+# Two entry points: `make demo` (install + pretrain on real Fashion-MNIST) and `make test` (install + tests).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch is pinned here (not in pyproject) to the build these machines serve locally; pyproject accepts >=2.4.
+TORCH := torch==2.14.1 torchvision==0.29.1
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install data demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip "setuptools>=69" wheel
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+data: $(FASHION_MNIST)
+
+$(FASHION_MNIST):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
+demo: install data
+	rm -rf runs/quickstart
+	$(VENV)/bin/maeframe run recipes/quickstart.yaml
+	@echo "reconstructions: $$(ls runs/quickstart/reconstructions/*.png | tail -1)"
+
+test: install data
+	$(PY) -m pytest
+
+bench: install
+	$(PY) benchmarks/pretrain_step.py recipes/quickstart.yaml --batch-size 64 --steps 20 --warmup 3
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info
