@@ -43,7 +43,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     pm = make_plugin_manager(args.module)
     registry = Registry(pm)
     for kind, table in registry.entries.items():
-        print(f"{kind}s:")
+        print(f"{kind}{'es' if kind.endswith('s') else 's'}:")
         for name, entry in sorted(table.items()):
             origin = plugin_distribution(pm, entry.plugin)
             print(f"  {name}  (plugin {entry.plugin}{', ' + origin if origin else ''}; "
