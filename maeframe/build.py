@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pluggy
 
+from .component import Component
 from .dataset import Dataset
 from .errors import RecipeError
 from .loss import Loss
 from .masker import Masker
 from .plugins import make_plugin_manager
-from .recipe import Recipe, load_recipe, parse_recipe, resolve_options
+from .recipe import Recipe, load_recipe, resolve_options
 from .registry import Registry
 from .target import Target
 from .tokenizer import Tokenizer
@@ -25,6 +26,9 @@ class Components:
     masker: Masker
     target: Target
     losses: list[tuple[str, float, Loss]]
+
+    def all(self) -> list[Component]:
+        return [self.tokenizer, self.masker, self.target, *(loss for _, _, loss in self.losses)]
 
 
 @dataclass
@@ -52,16 +56,22 @@ def prepare(recipe: Recipe | str | Path, overrides: list[str] = ()) -> Prepared:
     pm = make_plugin_manager(recipe.plugins)
     registry = Registry(pm)
     try:
-        options = resolve_options(recipe, registry)
-        get = lambda kind, ref: registry.get(kind, ref.name).cls  # noqa: E731
-        tokenizer = _construct("tokenizer", get("tokenizer", recipe.tokenizer), options["tokenizer"])
-        masker = _construct("masker", get("masker", recipe.masker), options["masker"], tokenizer.spec)
-        target = _construct("target", get("target", recipe.target), options["target"], tokenizer)
-        losses = [(ref.name, ref.weight, _construct(f"losses.{i}", get("loss", ref), options[f"losses.{i}"], tokenizer))
-                  for i, ref in enumerate(recipe.losses)]
-        _run_validate_hook(pm, recipe)
+        with registry.active():
+            return _prepare(recipe, pm, registry)
     except RecipeError as err:
         raise RecipeError(err.problems, source) from err
+
+
+def _prepare(recipe: Recipe, pm: pluggy.PluginManager, registry: Registry) -> Prepared:
+    options = resolve_options(recipe, registry)
+    get = lambda kind, ref: registry.get(kind, ref.name).cls  # noqa: E731
+    tokenizer = _construct("tokenizer", get("tokenizer", recipe.tokenizer), options["tokenizer"])
+    masker = _construct("masker", get("masker", recipe.masker), options["masker"], tokenizer.spec)
+    target = _construct("target", get("target", recipe.target), options["target"], tokenizer)
+    losses = [(ref.name, ref.weight,
+               _construct(f"losses.{i}", get("loss", ref), options[f"losses.{i}"], tokenizer))
+              for i, ref in enumerate(recipe.losses)]
+    _run_validate_hook(pm, recipe)
     return Prepared(recipe, pm, registry, Components(tokenizer, masker, target, losses))
 
 
@@ -74,17 +84,16 @@ def _run_validate_hook(pm: pluggy.PluginManager, recipe: Recipe) -> None:
             raise RecipeError([(path, message) if sep else ("recipe", str(err))]) from err
 
 
-def build_dataset(prepared: Prepared, train: bool = True) -> Dataset:
-    """Construct the training dataset at the tokenizer's input shape."""
-    recipe = prepared.recipe
-    entry = prepared.registry.get("dataset", recipe.data.train.name)
-    options = entry.cls.Options.model_validate(recipe.data.train.options)
+def build_dataset(prepared: Prepared, split: str = "train") -> Dataset:
+    """The training dataset (augmented), or with split="eval" the held-out one (`data.eval`, else the
+    training data without augmentation), at the tokenizer's input shape."""
+    data = prepared.recipe.data
+    path, ref = ("data.eval", data.eval) if split == "eval" and data.eval is not None else ("data.train", data.train)
+    entry = prepared.registry.get("dataset", ref.name)
+    options = entry.cls.Options.model_validate(ref.options)
     try:
-        return entry.cls(options, prepared.components.tokenizer.input_shape, train)
+        return entry.cls(options, prepared.components.tokenizer.input_shape, split == "train")
     except ValueError as err:
-        raise RecipeError([("data.train", str(err))]) from err
+        raise RecipeError([(path, str(err))]) from err
 
 
-def reparse(recipe: Recipe) -> Recipe:
-    """A deep copy of a recipe through its JSON form (used to compare a checkpoint's recipe)."""
-    return parse_recipe(recipe.model_dump(mode="json"))

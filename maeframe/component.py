@@ -17,7 +17,9 @@ class Component:
 
     Subclasses declare `Options` (a pydantic model with a description on every field). Components with
     state that must survive a resume (a schedule's position, an EMA teacher) override `state_dict` and
-    `load_state_dict`; the engine saves them in every checkpoint.
+    `load_state_dict`; the engine saves them in every checkpoint. Components that follow training
+    override `attach` (called once with the model) and `set_progress` (called on the host before every
+    optimizer step, never with a device sync).
     """
 
     Options: ClassVar[type[Options]] = Options
@@ -25,6 +27,12 @@ class Component:
 
     def __init__(self, options: Options):
         self.options = options
+
+    def attach(self, model: Any) -> None:
+        """Called once by the engine with the `MaskedAutoencoder` (e.g. to copy an EMA teacher)."""
+
+    def set_progress(self, step: int, epoch: float) -> None:
+        """Called before each optimizer step with the step index and the fractional epoch."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -67,6 +67,3 @@ class Masker(Component):
 
     @abstractmethod
     def __call__(self, batch_size: int, device: torch.device) -> Mask: ...
-
-    def set_progress(self, step: int, epoch: float) -> None:
-        """Called by the engine before each step (on the host, no sync); schedules override it."""

@@ -49,6 +49,8 @@ class ModelConfig(Strict):
 
 class DataConfig(Strict):
     train: ComponentRef = Field(description="training dataset component")
+    eval: ComponentRef | None = Field(None, description="held-out dataset for pictures, PSNR and kNN "
+                                                        "(default: the training data without augmentation)")
     batch_size: int = Field(gt=0, description="samples per step on one device (before accumulation)")
     num_workers: int = Field(4, ge=0, description="DataLoader worker processes")
     pin_memory: bool = Field(True, description="page-locked host batches for faster copies to the GPU")
@@ -179,6 +181,7 @@ def component_refs(recipe: Recipe) -> list[tuple[str, str, ComponentRef]]:
     """(field path, kind, ref) for every component the recipe names."""
     refs = [("tokenizer", "tokenizer", recipe.tokenizer), ("masker", "masker", recipe.masker),
             ("target", "target", recipe.target), ("data.train", "dataset", recipe.data.train)]
+    refs += [("data.eval", "dataset", recipe.data.eval)] if recipe.data.eval is not None else []
     refs += [(f"losses.{i}", "loss", ref) for i, ref in enumerate(recipe.losses)]
     return refs
 

@@ -1,8 +1,11 @@
 """Name -> component class tables, filled by the plugins' registration hooks."""
 from __future__ import annotations
 
+import contextlib
 import re
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
 import pluggy
 
@@ -22,6 +25,7 @@ KINDS: dict[str, tuple[str, type[Component]]] = {
     "loss": ("register_losses", Loss),
     "dataset": ("register_datasets", Dataset),
 }
+_ACTIVE: ContextVar[Registry | None] = ContextVar("maeframe_registry", default=None)
 _NAME = re.compile(r"^[a-z][a-z0-9_.\-]*$")
 
 
@@ -75,3 +79,26 @@ class Registry:
             known = ", ".join(sorted(table)) or "none"
             raise PluginError(f"unknown {kind} {name!r}; registered {kind}s: {known}")
         return table[name]
+
+    @contextlib.contextmanager
+    def active(self):
+        """Make this registry the one `build` uses (the engine does this while constructing components)."""
+        token = _ACTIVE.set(self)
+        try:
+            yield self
+        finally:
+            _ACTIVE.reset(token)
+
+    def build(self, kind: str, name: str, options: dict[str, Any], *args: Any) -> Component:
+        """Validate `options` for component `name` and construct it with `args` (spec or tokenizer)."""
+        entry = self.get(kind, name)
+        return entry.cls(entry.cls.Options.model_validate(options), *args)
+
+
+def build(kind: str, name: str, options: dict[str, Any], *args: Any) -> Component:
+    """Construct a registered component by name from inside another component's constructor, e.g. the
+    maskers a curriculum masker wraps. Works while a recipe is being prepared (or in `Registry.active()`)."""
+    registry = _ACTIVE.get()
+    if registry is None:
+        raise RuntimeError("no active registry: call inside maeframe.build.prepare or `with registry.active():`")
+    return registry.build(kind, name, options, *args)

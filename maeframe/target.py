@@ -33,7 +33,8 @@ class Target(Component):
 
     @abstractmethod
     def __call__(self, tokens: Tokens, mask: Mask) -> TargetOut:
-        """Called under torch.no_grad(), outside autocast."""
+        """Called under torch.no_grad() and the step's autocast (a teacher runs in the step's precision);
+        targets that need fp32 arithmetic disable autocast locally."""
 
     def reconstruct(self, prediction: Tensor, tokens: Tokens) -> Tensor | None:
         """Map predictions [B, N, out_dim] back to patch space [B, N, patch_dim] for pictures, if possible."""

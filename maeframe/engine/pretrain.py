@@ -41,7 +41,7 @@ class Pretrainer:
         self.device = self.runtime.device
         seed_everything(recipe.seed)
 
-        self.dataset = build_dataset(prepared, train=True)
+        self.dataset = build_dataset(prepared, "train")
         data, optim = recipe.data, recipe.optim
         self.sampler = ResumableBatchSampler(len(self.dataset), data.batch_size, recipe.seed,
                                              batches_multiple=optim.accum_steps)
@@ -55,6 +55,8 @@ class Pretrainer:
         spec = self.components.tokenizer.spec
         self.model = MaskedAutoencoder(spec, self.components.target.out_dim, recipe.model).to(self.device)
         self.step_model = torch.compile(self.model) if recipe.runtime.compile else self.model
+        for component in self.components.all():
+            component.attach(self.model)
         self.optimizer = build_optimizer(self.model, optim, self.lr, self.device)
         self.schedule = build_schedule(self.optimizer, optim, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.runtime.uses_scaler)
@@ -72,7 +74,7 @@ class Pretrainer:
         c = self.components
         tokens = c.tokenizer.tokenize(batch)
         mask = mask if mask is not None else c.masker(batch.shape[0], batch.device)
-        with torch.no_grad():
+        with torch.no_grad(), self.runtime.autocast():
             target = c.target(tokens, mask)
         with self.runtime.autocast():
             prediction = self.step_model(tokens.patches, mask)
@@ -83,7 +85,8 @@ class Pretrainer:
     def _optimizer_step(self, micro_batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Accumulates gradients over the micro-batches and steps once. Returns detached sums on device."""
         self.schedule.step_update(self.step)
-        self.components.masker.set_progress(self.step, self.step / self.steps_per_epoch)
+        for component in self.components.all():
+            component.set_progress(self.step, self.step / self.steps_per_epoch)
         sums: dict[str, torch.Tensor] = {}
         accum = len(micro_batches)
         for batch in micro_batches:
@@ -213,7 +216,7 @@ class Pretrainer:
     def visualize(self, path: Path) -> bool:
         """Save reconstructions of the first samples of the un-augmented dataset under a fixed mask."""
         if self._visual_data is None:
-            self._visual_data = build_dataset(self.prepared, train=False)
+            self._visual_data = build_dataset(self.prepared, "eval")
         count = min(self.recipe.runtime.visualize_samples, len(self._visual_data))
         batch = torch.stack([self._visual_data[i][0] for i in range(count)]).to(self.device)
         was_training = self.model.training

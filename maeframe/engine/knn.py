@@ -1,0 +1,48 @@
+"""Weighted k-nearest-neighbour classification on frozen encoder features (cosine, k=20, T=0.07)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from ..tokenizer import Tokenizer
+
+
+@torch.no_grad()
+def encode_dataset(encoder: torch.nn.Module, tokenizer: Tokenizer, dataset: Dataset, device: torch.device,
+                   batch_size: int = 256, pool: str = "mean") -> tuple[Tensor, Tensor]:
+    """Features of every sample with all tokens visible: ([N, D] float32 on CPU, [N] long labels).
+    pool: "mean" over patch tokens, or "cls"."""
+    was_training = encoder.training
+    encoder.eval()
+    features, labels = [], []
+    for batch, label in DataLoader(dataset, batch_size=batch_size):
+        latent = encoder(tokenizer.tokenize(batch.to(device)).patches)
+        features.append((latent[:, 1:].mean(1) if pool == "mean" else latent[:, 0]).float().cpu())
+        labels.append(torch.as_tensor(label))
+    encoder.train(was_training)
+    return torch.cat(features), torch.cat(labels)
+
+
+def knn_scores(train_features: Tensor, train_labels: Tensor, query_features: Tensor, k: int = 20,
+               temperature: float = 0.07, num_classes: int | None = None, chunk: int = 1024) -> Tensor:
+    """Class scores [M, C]: each of the k most cosine-similar training samples votes for its label with
+    weight exp(similarity / temperature)."""
+    num_classes = num_classes or int(train_labels.max()) + 1
+    bank = F.normalize(train_features, dim=1)
+    k = min(k, len(bank))
+    scores = []
+    for queries in F.normalize(query_features, dim=1).split(chunk):
+        similarity, index = (queries @ bank.T).topk(k, dim=1)
+        votes = torch.zeros(len(queries), num_classes)
+        scores.append(votes.scatter_add_(1, train_labels[index], (similarity / temperature).exp()))
+    return torch.cat(scores)
+
+
+def knn_accuracy(train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor,
+                 k: int = 20, temperature: float = 0.07) -> float:
+    """Top-1 accuracy of `knn_scores` on the test set, in [0, 1]."""
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    scores = knn_scores(train_features, train_labels, test_features, k, temperature, num_classes)
+    return (scores.argmax(1) == test_labels).float().mean().item()

@@ -1,0 +1,1 @@
+"""Curriculum masking: a schedule of mask ratio and strategy mixing around other maskers."""

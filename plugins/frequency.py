@@ -1,0 +1,1 @@
+"""Frequency-domain targets: per-patch FFT amplitude/phase and low/high-pass bands."""

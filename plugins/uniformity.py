@@ -1,0 +1,1 @@
+"""Uniformity loss (Wang & Isola) on mean-pooled encoder features."""
