@@ -20,7 +20,8 @@ from .tokenizer import Tokenizer
 
 @dataclass
 class Components:
-    """The per-step objects a recipe selects. losses: (name, weight, loss) in recipe order."""
+    """The per-step objects a recipe selects. losses: (label, weight, loss) in recipe order; the label is
+    the loss name, or "name.i" when a name appears twice (metrics are logged as loss/<label>)."""
 
     tokenizer: Tokenizer
     masker: Masker
@@ -68,9 +69,11 @@ def _prepare(recipe: Recipe, pm: pluggy.PluginManager, registry: Registry) -> Pr
     tokenizer = _construct("tokenizer", get("tokenizer", recipe.tokenizer), options["tokenizer"])
     masker = _construct("masker", get("masker", recipe.masker), options["masker"], tokenizer.spec)
     target = _construct("target", get("target", recipe.target), options["target"], tokenizer)
-    losses = [(ref.name, ref.weight,
+    names = [ref.name for ref in recipe.losses]
+    labels = [name if names.count(name) == 1 else f"{name}.{i}" for i, name in enumerate(names)]
+    losses = [(label, ref.weight,
                _construct(f"losses.{i}", get("loss", ref), options[f"losses.{i}"], tokenizer))
-              for i, ref in enumerate(recipe.losses)]
+              for i, (label, ref) in enumerate(zip(labels, recipe.losses))]
     _run_validate_hook(pm, recipe)
     return Prepared(recipe, pm, registry, Components(tokenizer, masker, target, losses))
 

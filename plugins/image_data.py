@@ -5,6 +5,7 @@ Both produce [C, H, W] float tensors of the tokenizer's input shape. Training ap
 """
 from __future__ import annotations
 
+import functools
 import gzip
 from pathlib import Path
 
@@ -112,6 +113,17 @@ def read_idx(path: Path) -> np.ndarray:
     return body.reshape(shape)
 
 
+@functools.lru_cache(maxsize=2)
+def load_fashion_mnist(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images [N, 28, 28] uint8, labels [N] uint8) of one split; cached per process."""
+    prefix = "train" if split == "train" else "t10k"
+    files = [Path(root) / f"{prefix}-images-idx3-ubyte.gz", Path(root) / f"{prefix}-labels-idx1-ubyte.gz"]
+    for file in files:
+        if not file.is_file():
+            raise FileNotFoundError(f"fashion_mnist: {file} not found; {FASHION_MNIST_HINT}")
+    return read_idx(files[0]), read_idx(files[1])
+
+
 class FashionMNISTOptions(ImageAugmentOptions):
     root: str = Field(FASHION_MNIST_ROOT, description="folder with the Fashion-MNIST *-ubyte.gz files")
     split: str = Field("train", pattern="^(train|test)$", description="train (60k) or test (10k)")
@@ -130,13 +142,7 @@ class FashionMNISTDataset(ImageDataset):
 
     def __init__(self, options: FashionMNISTOptions, input_shape: tuple[int, ...], train: bool):
         super().__init__(options, input_shape, train)
-        prefix = "train" if options.split == "train" else "t10k"
-        root = Path(options.root).expanduser()
-        files = [root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz"]
-        for file in files:
-            if not file.is_file():
-                raise FileNotFoundError(f"fashion_mnist: {file} not found; {FASHION_MNIST_HINT}")
-        images, labels = read_idx(files[0]), read_idx(files[1])
+        images, labels = load_fashion_mnist(str(Path(options.root).expanduser()), options.split)
         if options.limit:
             images, labels = images[: options.limit], labels[: options.limit]
         self.images = torch.from_numpy(images.copy())

@@ -83,3 +83,10 @@ def test_loss_decreases_on_real_data(tmp_path):
     train(tmp_path, "data.train.options.limit=256", "optim.epochs=3", "optim.lr=3e-3", "runtime.log_interval=16")
     values = losses(tmp_path / "quickstart")
     assert values[-1] < 0.8 * values[0], values
+
+
+def test_repeated_loss_names_are_logged_apart(tmp_path):
+    train(tmp_path, "runtime.max_steps=2", "losses=[{name: mse}, {name: mse, weight: 0.5}]")
+    line = json.loads((tmp_path / "quickstart" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert line["loss/mse.0"] == line["loss/mse.1"]
+    assert abs(line["loss"] - 1.5 * line["loss/mse.0"]) < 1e-5
