@@ -90,3 +90,9 @@ def test_repeated_loss_names_are_logged_apart(tmp_path):
     line = json.loads((tmp_path / "quickstart" / "metrics.jsonl").read_text().splitlines()[-1])
     assert line["loss/mse.0"] == line["loss/mse.1"]
     assert abs(line["loss"] - 1.5 * line["loss/mse.0"]) < 1e-5
+
+
+def test_pictures_of_a_single_sample_do_not_need_batch_losses(tmp_path):
+    trainer = Pretrainer(prepare(QUICKSTART, tiny(tmp_path, "runtime.visualize_samples=1",
+                                                  "losses=[{name: mse}, {name: uniformity, weight: 0.01}]")))
+    assert trainer.visualize(tmp_path / "one.png")

@@ -69,15 +69,20 @@ class Pretrainer:
 
     # --- one step ------------------------------------------------------------------------------------
 
-    def forward_losses(self, batch: torch.Tensor, mask: Mask | None = None):
-        """batch [B, *input_shape] on device -> (total loss, {name: term}, tokens, mask, prediction)."""
-        c = self.components
-        tokens = c.tokenizer.tokenize(batch)
-        mask = mask if mask is not None else c.masker(batch.shape[0], batch.device)
-        with torch.no_grad(), self.runtime.autocast():
-            target = c.target(tokens, mask)
+    def predict(self, batch: torch.Tensor, mask: Mask | None = None):
+        """batch [B, *input_shape] on device -> (tokens, mask, prediction); a new mask unless given."""
+        tokens = self.components.tokenizer.tokenize(batch)
+        mask = mask if mask is not None else self.components.masker(batch.shape[0], batch.device)
         with self.runtime.autocast():
             prediction = self.step_model(tokens.patches, mask)
+        return tokens, mask, prediction
+
+    def forward_losses(self, batch: torch.Tensor, mask: Mask | None = None):
+        """batch [B, *input_shape] on device -> (total loss, {label: term}, tokens, mask, prediction)."""
+        c = self.components
+        tokens, mask, prediction = self.predict(batch, mask)
+        with torch.no_grad(), self.runtime.autocast():
+            target = c.target(tokens, mask)
         terms = {name: loss(prediction, target, mask) for name, _, loss in c.losses}
         total = sum(weight * terms[name] for name, weight, _ in c.losses)
         return total, terms, tokens, mask, prediction
@@ -224,7 +229,7 @@ class Pretrainer:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.recipe.seed)
             mask = self.components.masker(count, self.device)
-        _, _, tokens, mask, prediction = self.forward_losses(batch, mask)
+        tokens, mask, prediction = self.predict(batch, mask)
         self.model.train(was_training)
         panels = reconstruction_panels(self.components, self._visual_data, tokens, mask, prediction)
         if panels is None:
