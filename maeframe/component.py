@@ -34,6 +34,11 @@ class Component:
     def set_progress(self, step: int, epoch: float) -> None:
         """Called before each optimizer step with the step index and the fractional epoch."""
 
+    def metrics(self) -> dict[str, float]:
+        """Values to log at each logging interval, e.g. a schedule's current mask ratio. Keys are
+        prefixed with the component's kind in metrics.jsonl ("masker/ratio")."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

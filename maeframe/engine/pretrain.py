@@ -150,6 +150,8 @@ class Pretrainer:
 
     def _log(self, metrics: dict[str, float], log: MetricsLog, bar: tqdm) -> dict[str, float]:
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        for component in self.components.all():
+            metrics.update({f"{component.kind}/{key}": value for key, value in component.metrics().items()})
         metrics["epoch"] = round(self.step / self.steps_per_epoch, 4)
         if self.device.type == "cuda":
             metrics["max_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
