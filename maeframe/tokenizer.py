@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from abc import abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import Tensor
 
@@ -64,4 +65,17 @@ class Tokenizer(Component):
 
     @abstractmethod
     def untokenize(self, patches: Tensor) -> Tensor:
-        """[B, N, patch_dim] -> [B, *input_shape]; exact inverse of `tokenize`."""
+        """[B, N, patch_dim] -> [B, *input_shape]; exact inverse of `tokenize`, with patch borders at
+        multiples of `patch_size` along each axis."""
+
+    def save_pictures(self, panels: Tensor, path: Path) -> list[Path]:
+        """Draw reconstructions: panels [B, 4, *input_shape] in [0, 1] (original | masked | reconstruction |
+        reconstruction with visible patches pasted back). Writes `path` (.png) and any extra files (e.g. a
+        GIF for video, audio for spectrograms) and returns their paths. The default draws [C, H, W]
+        samples with 1 or 3 channels as a PNG grid; other modalities override it."""
+        if panels.dim() != 5 or panels.shape[2] not in (1, 3):
+            return []
+        from .engine.visualize import save_panels
+
+        save_panels(panels, path)
+        return [path]

@@ -22,7 +22,7 @@ from .data import ResumableBatchSampler, make_loader
 from .optim import build_optimizer, build_schedule, peak_lr
 from .rundir import MetricsLog, RunDirectory
 from .runtime import rng_state, seed_everything, select_runtime, set_rng_state
-from .visualize import reconstruction_panels, save_panels
+from .visualize import reconstruction_panels
 
 
 class Pretrainer:
@@ -220,7 +220,7 @@ class Pretrainer:
     # --- pictures --------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def visualize(self, path: Path) -> bool:
+    def visualize(self, path: Path) -> list[Path]:
         """Save reconstructions of the first samples of the un-augmented dataset under a fixed mask."""
         if self._visual_data is None:
             self._visual_data = build_dataset(self.prepared, "eval")
@@ -235,9 +235,8 @@ class Pretrainer:
         self.model.train(was_training)
         panels = reconstruction_panels(self.components, self._visual_data, tokens, mask, prediction)
         if panels is None:
-            return False
-        save_panels(panels.cpu(), path)
-        return True
+            return []
+        return self.components.tokenizer.save_pictures(panels.cpu(), path)
 
 
 class _Window:

@@ -19,11 +19,12 @@ MIN_SIDE = 112  # small images (e.g. 28² Fashion-MNIST) are enlarged with neare
 
 def reconstruction_panels(components: Components, dataset: Dataset, tokens: Tokens, mask: Mask,
                           prediction: Prediction) -> torch.Tensor | None:
-    """[B, 4, C, H, W] display images in [0, 1], or None when the target or data cannot be drawn."""
+    """[B, 4, *input_shape] in [0, 1]: original | masked | reconstruction | reconstruction with the visible
+    patches pasted back; None when the target has no picture (e.g. HOG or teacher features)."""
     tokenizer = components.tokenizer
     recon = components.target.reconstruct(prediction.values.float(), tokens)
     original = dataset.denormalize(tokens.source.float())
-    if recon is None or original.dim() != 4:
+    if recon is None:
         return None
     hidden = mask.masked.unsqueeze(-1)
     shown = tokenizer.tokenize(original).patches
@@ -34,6 +35,7 @@ def reconstruction_panels(components: Components, dataset: Dataset, tokens: Toke
 
 
 def save_panels(panels: torch.Tensor, path: Path) -> None:
+    """panels [B, K, C, H, W] in [0, 1] -> one PNG, a row per sample, small images enlarged."""
     b, k, c, h, w = panels.shape
     images = panels.reshape(b * k, c, h, w)
     scale = math.ceil(MIN_SIDE / min(h, w))
