@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # torch is pinned here (not in pyproject) to the build these machines serve locally; pyproject accepts >=2.4.
-TORCH := torch==2.14.1 torchvision==0.29.1
+# torchaudio 2.11 declares no torch pin and runs beside torch 2.14 (fbank, MelSpectrogram).
+TORCH := torch==2.14.1 torchvision==0.29.1 torchaudio==2.11.0
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+KLETTRES := /usr/share/klettres/en/alpha
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install data demo test bench clean
@@ -18,11 +20,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-data: $(FASHION_MNIST)
+# Real offline data from Debian: Fashion-MNIST images and spoken-letter recordings (klettres).
+data: $(FASHION_MNIST) $(KLETTRES)
 
-$(FASHION_MNIST):
+$(FASHION_MNIST) $(KLETTRES):
 	$(SUDO) apt-get update -qq
-	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
+	$(SUDO) apt-get install -y -qq dataset-fashion-mnist klettres-data
 
 demo: install data
 	rm -rf runs/quickstart
