@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .errors import MaeframeError
 
@@ -13,7 +14,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .engine.pretrain import Pretrainer
 
     prepared = prepare(args.recipe, args.overrides)
-    trainer = Pretrainer(prepared, resume=args.resume)
+    resume = args.resume
+    if args.auto_resume:
+        resume = (Path(prepared.recipe.runtime.output_dir) / prepared.recipe.name / "last.pt").is_file()
+    if prepared.recipe.task != "pretrain":  # finetune / linprobe / knn: results.json, printed at the end
+        from .engine.downstream import run_downstream
+
+        run_downstream(prepared, resume=resume)
+        return 0
+    trainer = Pretrainer(prepared, resume=resume)
     metrics = trainer.train()
     loss = f"{metrics['loss']:.4f}" if "loss" in metrics else "n/a"
     print(f"finished at step {trainer.step}: loss {loss}; run directory {trainer.run_dir.path}")
@@ -63,6 +72,53 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Train each recipe under the same seed, data and budget, evaluate each the same way, write a report."""
+    import shlex
+
+    from .engine.compare import compare
+
+    command = shlex.join(["maeframe", *sys.argv[1:]]) if sys.argv[1:2] == ["compare"] else None
+    compare(args.recipes, args.name, args.overrides, eval_limit=args.eval_limit,
+            knn_train_limit=args.knn_train_limit, eval_ratio=args.eval_ratio, eval_seed=args.eval_seed,
+            resume=args.resume, command=command)
+    return 0
+
+
+def cmd_audio_stats(args: argparse.Namespace) -> int:
+    """Mean/std of the log-mel fbank over a recipe's training recordings (audio datasets only)."""
+    try:
+        from maeframe_plugins.audio_data import audio_stats
+    except ImportError as err:
+        print(f"error: audio-stats needs the built-in audio plugins (maeframe_plugins.audio_data): {err}",
+              file=sys.stderr)
+        return 2
+    try:
+        stats = audio_stats(args.recipe, args.overrides, limit=args.limit, write=args.write)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.recipe}: fbank of {stats['num_files']} recordings ({stats['num_frames']} frames x "
+          f"{stats['num_mel_bins']} mel bins; {stats['skipped']} skipped)")
+    print(f"mean {stats['mean']:.6f}  std {stats['std']:.6f}")
+    if stats["path"]:
+        print(f"wrote {stats['path']} (read through data.train.options.stats_file)")
+    else:
+        print(f"use: data.train.options.mean={stats['mean']:.6f} data.train.options.std={stats['std']:.6f}")
+    return 0
+
+
+def cmd_export_classifier(args: argparse.Namespace) -> int:
+    from .interop.export_classifier import export_classifier
+
+    formats = tuple(f for f in ("torchscript", "onnx") if f not in args.skip)
+    facts = export_classifier(args.checkpoint, args.out_dir, formats, ema=args.ema, atol=args.atol)
+    diffs = ", ".join(f"{k} max |diff| {v:.2e}" for k, v in facts["max_abs_diff"].items())
+    print(f"wrote {', '.join(facts['files'])} and classifier.json to {args.out_dir}: inputs "
+          f"[B, {', '.join(map(str, facts['input_shape']))}] -> logits [B, {len(facts['classes'])}]; checked: {diffs}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maeframe", description="Masked-autoencoder pretraining from recipes.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", help="path to a YAML recipe")
     run.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. optim.epochs=5")
     run.add_argument("--resume", action="store_true", help="continue <output_dir>/<name>/last.pt exactly")
+    run.add_argument("--auto-resume", action="store_true",
+                     help="resume when last.pt exists, else start (for jobs a scheduler requeues)")
     run.set_defaults(func=cmd_run)
 
     validate = sub.add_parser("validate", help="check recipes without running them",
@@ -91,6 +149,49 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("output", help="output .safetensors path")
     export.add_argument("--timm-name", help="timm architecture (default: inferred, e.g. vit_base_patch16_224)")
     export.set_defaults(func=cmd_export)
+
+    export_cls = sub.add_parser("export-classifier", help="write a fine-tuned classifier as TorchScript and ONNX",
+                                description="Export a finetune/linprobe checkpoint as OUT_DIR/classifier.pt "
+                                            "(TorchScript) and classifier.onnx, inputs [B, *input_shape] "
+                                            "normalised as the eval data -> logits; both are checked against "
+                                            "PyTorch on the same batch. Classes and normalisation go to "
+                                            "classifier.json.")
+    export_cls.add_argument("checkpoint", help="runs/NAME/best.pt or last.pt of a finetune or linprobe run")
+    export_cls.add_argument("out_dir", help="output folder")
+    export_cls.add_argument("--ema", action="store_true", help="export the EMA weights (runs with `ema`)")
+    export_cls.add_argument("--skip", action="append", default=[], choices=["torchscript", "onnx"],
+                            help="leave out one format (repeatable)")
+    export_cls.add_argument("--atol", type=float, default=1e-4, help="max abs logit difference allowed (1e-4)")
+    export_cls.set_defaults(func=cmd_export_classifier)
+
+    audio_stats = sub.add_parser("audio-stats", help="fbank mean/std of a recipe's training recordings",
+                                 description="Compute the mean and std of the log-mel fbank over the recordings "
+                                             "of the recipe's data.train (an audio dataset) and print the "
+                                             "overrides to use; --write stores them at data.train.options.stats_file.")
+    audio_stats.add_argument("recipe", help="path to a YAML recipe with an audio dataset")
+    audio_stats.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    audio_stats.add_argument("--limit", type=int, help="use N recordings spread over the dataset (default: all)")
+    audio_stats.add_argument("--write", action="store_true",
+                             help="write the statistics as JSON to data.train.options.stats_file")
+    audio_stats.set_defaults(func=cmd_audio_stats)
+
+    compare = sub.add_parser("compare", help="train recipe variants and compare them in a report",
+                             description="Train each recipe (same seed, data and budget required) into "
+                                         "<output_dir>/<NAME>/<recipe name>/, evaluate all under one fixed mask "
+                                         "(masked PSNR, high-frequency error, kNN) and write "
+                                         "<output_dir>/<NAME>/report.md, report.json and plots.")
+    compare.add_argument("recipes", nargs="+", help="two or more YAML recipes with distinct names")
+    compare.add_argument("--name", help="comparison directory name (default: the recipe names joined by -vs-)")
+    compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override applied to every recipe (repeatable)")
+    compare.add_argument("--eval-limit", type=int, default=10000, help="eval images used (default 10000)")
+    compare.add_argument("--knn-train-limit", type=int, default=10000,
+                         help="train images (no augmentation) in the kNN bank (default 10000)")
+    compare.add_argument("--eval-ratio", type=float, default=0.75, help="ratio of the fixed eval mask (0.75)")
+    compare.add_argument("--eval-seed", type=int, help="seed of the fixed eval mask (default: the recipes' seed)")
+    compare.add_argument("--resume", action="store_true",
+                         help="continue (or reuse, when finished) variant runs already in the comparison directory")
+    compare.set_defaults(func=cmd_compare)
     return parser
 
 
@@ -100,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except MaeframeError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return getattr(err, "exit_code", 2)
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -29,6 +29,10 @@ class Dataset(Component, torch.utils.data.Dataset):
     @abstractmethod
     def __getitem__(self, index: int) -> tuple[Tensor, int]: ...
 
+    def describe(self, index: int) -> str:
+        """Where sample `index` comes from (a file path), for messages about unreadable samples."""
+        return f"sample {index}"
+
     def denormalize(self, batch: Tensor) -> Tensor:
         """Undo input normalisation for display: [B, *input_shape] -> values in [0, 1]."""
         return batch

@@ -29,6 +29,10 @@ class Mask:
     def num_visible(self) -> int:
         return self.ids_keep.shape[1]
 
+    def rows(self, start: int, stop: int) -> Mask:
+        """The masks of samples start..stop-1 (a process's slice of a global batch)."""
+        return Mask(self.ids_keep[start:stop], self.ids_restore[start:stop], self.masked[start:stop])
+
     @classmethod
     def from_noise(cls, noise: Tensor, num_visible: int) -> Mask:
         """Keep the `num_visible` tokens with the lowest noise per row. noise: [B, N] float."""

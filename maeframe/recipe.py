@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError,
+                      field_validator, model_validator)
 
 from .errors import PluginError, RecipeError
 
@@ -56,6 +57,8 @@ class DataConfig(Strict):
     pin_memory: bool = Field(True, description="page-locked host batches for faster copies to the GPU")
     persistent_workers: bool = Field(True, description="keep workers alive across epochs")
     prefetch_factor: int = Field(2, gt=0, description="batches each worker prepares ahead")
+    max_bad_fraction: float = Field(0.01, ge=0, le=1, description="unreadable samples are skipped and counted; "
+                                                                  "above this fraction of samples seen the run stops")
 
 
 class OptimConfig(Strict):
@@ -83,6 +86,13 @@ class RuntimeConfig(Strict):
     output_dir: str = Field("runs", description="runs are written to <output_dir>/<name>/")
     log_interval: int = Field(50, gt=0, description="steps between metric lines (the only host syncs)")
     checkpoint_interval: int = Field(20, gt=0, description="epochs between kept periodic checkpoints")
+    checkpoint_every_steps: int | None = Field(None, gt=0, description="also refresh last.pt every N steps "
+                                                                       "(bounds the work a crash can lose)")
+    keep_checkpoints: int | None = Field(None, gt=0, description="keep only the newest N periodic checkpoints "
+                                                                 "(null keeps all)")
+    nonfinite: Literal["stop", "skip"] = Field("stop", description="a step with a non-finite loss or gradient "
+                                                                  "is never applied; stop: end the run naming the step, "
+                                                                  "skip: count it and go on")
     visualize_interval: int = Field(1, gt=0, description="epochs between reconstruction PNGs")
     visualize_samples: int = Field(8, gt=0, description="samples shown in each reconstruction PNG")
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps (smoke runs)")
@@ -103,6 +113,181 @@ class Recipe(Strict):
     data: DataConfig
     optim: OptimConfig
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+
+# --- downstream evaluation recipes (task: finetune | linprobe | knn) --------------------------------
+
+class EncoderConfig(Strict):
+    """The encoder part of `ModelConfig`; it must match the checkpoint named in `init`."""
+
+    embed_dim: int = Field(768, gt=0, description="encoder width")
+    depth: int = Field(12, gt=0, description="encoder blocks")
+    num_heads: int = Field(12, gt=0, description="encoder attention heads")
+    mlp_ratio: float = Field(4.0, gt=0, description="MLP hidden width / embed_dim")
+    drop_path: float = Field(0.0, ge=0, lt=1, description="stochastic depth rate of the last block (fine-tuning)")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> EncoderConfig:
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        return self
+
+
+class InitConfig(Strict):
+    format: Literal["maeframe", "official_mae", "none"] = Field(
+        "maeframe", description="maeframe: a maeframe checkpoint (runs/NAME/last.pt); official_mae: reference "
+                                "MAE weights (.pth); none: random initialisation (the baseline)")
+    checkpoint: str | None = Field(None, description="path of the weights; only the encoder is used")
+
+    @model_validator(mode="after")
+    def _checkpoint_given(self) -> InitConfig:
+        if self.format != "none" and not self.checkpoint:
+            raise ValueError(f"format {self.format!r} needs a checkpoint path (or format: none)")
+        return self
+
+
+class HeadConfig(Strict):
+    pool: Literal["avg", "cls"] = Field("avg", description="avg: mean of patch tokens + LayerNorm (fc_norm); "
+                                                           "cls: the normalised cls token")
+    num_classes: int | None = Field(None, gt=0, description="classes; null = len(dataset.classes)")
+    multi_label: bool = Field(False, description="labels are multi-hot vectors: sigmoid + BCE, reported as mAP")
+    init_std: float | None = Field(None, gt=0, description="trunc-normal std of the linear head "
+                                                           "(null: 2e-5 fine-tuning, 0.01 linear probe, as MAE)")
+    features: Literal["encoder", "pixels"] = Field("encoder", description="pixels: the baseline that skips the "
+                                                                           "encoder and uses the flat input")
+
+
+class DownstreamDataConfig(DataConfig):
+    eval: ComponentRef = Field(description="held-out labelled dataset, evaluated after every epoch")
+
+
+class AugmentConfig(Strict):
+    mixup: float = Field(0.8, ge=0, description="mixup alpha (0 disables)")
+    cutmix: float = Field(1.0, ge=0, description="cutmix alpha (0 disables)")
+    mixup_prob: float = Field(1.0, ge=0, le=1, description="probability of mixing a batch at all")
+    mixup_switch_prob: float = Field(0.5, ge=0, le=1, description="probability of cutmix instead of mixup")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="label smoothing")
+    rand_augment: str | None = Field("rand-m9-mstd0.5-inc1", description="timm RandAugment spec; null disables "
+                                                                         "(works on 1- and 3-channel images)")
+    random_erasing: float = Field(0.25, ge=0, le=1, description="probability of erasing a random box (pixel mode)")
+
+    @field_validator("rand_augment")
+    @classmethod
+    def _rand_augment_parses(cls, spec: str | None) -> str | None:
+        if spec is not None:
+            from timm.data.auto_augment import rand_augment_transform
+
+            try:
+                rand_augment_transform(spec, {})
+            except Exception as err:  # timm raises AssertionError/ValueError/KeyError on a bad spec
+                raise ValueError(f"{spec!r} is not a timm RandAugment spec (e.g. rand-m9-mstd0.5-inc1): "
+                                 f"{err or type(err).__name__}") from None
+        return spec
+
+    @property
+    def mixes(self) -> bool:
+        return self.mixup_prob > 0 and (self.mixup > 0 or self.cutmix > 0)
+
+
+class EmaConfig(Strict):
+    decay: float = Field(0.9999, gt=0, lt=1, description="EMA decay per optimizer step")
+
+
+class FinetuneOptimConfig(OptimConfig):
+    base_lr: float = Field(1e-3, gt=0, description="lr = base_lr * effective_batch / 256")
+    min_lr: float = Field(1e-6, ge=0, description="lr at the end of the cosine decay")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    layer_decay: float = Field(0.75, gt=0, le=1, description="lr scale layer_decay^(depth + 1 - layer id); 1 = off")
+
+
+class LinprobeOptimConfig(OptimConfig):
+    base_lr: float = Field(0.1, gt=0, description="LARS lr = base_lr * effective_batch / 256")
+    weight_decay: float = Field(0.0, ge=0, description="LARS weight decay (MAE: 0)")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="unused by LARS")
+    momentum: float = Field(0.9, ge=0, lt=1, description="LARS momentum")
+
+
+class KnnConfig(Strict):
+    k: int = Field(20, gt=0, description="neighbours that vote")
+    temperature: float = Field(0.07, gt=0, description="votes are weighted exp(cosine similarity / temperature)")
+    pool: Literal["avg", "cls"] = Field("avg", description="feature: mean of the normalised patch tokens, or cls")
+    features: Literal["encoder", "pixels"] = Field("encoder", description="pixels: k-NN on the flat input")
+
+
+class _DownstreamRecipe(Strict):
+    task: str = Field(description="what the recipe runs")  # narrowed to one Literal by each subclass
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", description="run directory name")
+    seed: int = Field(0, description="seeds head init, data order, augmentation, mixup and drop path")
+    plugins: list[str] = Field(default_factory=list, description="extra plugin modules to import by name")
+    tokenizer: ComponentRef = Field(description="turns samples into patches; must match the pretraining patch size")
+    model: EncoderConfig = Field(default_factory=EncoderConfig, description="encoder sizes (as pretrained)")
+    init: InitConfig = Field(description="where the encoder weights come from")
+    data: DownstreamDataConfig
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+
+class FinetuneRecipe(_DownstreamRecipe):
+    task: Literal["finetune"] = Field(description="end-to-end fine-tuning of encoder + linear head")
+    head: HeadConfig = Field(default_factory=HeadConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    optim: FinetuneOptimConfig
+    ema: EmaConfig | None = Field(None, description="also keep and evaluate an EMA of the weights")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FinetuneRecipe:
+        if self.augment.mixes and self.data.batch_size % 2:
+            raise ValueError("data.batch_size: mixup/cutmix need an even batch size")
+        if self.augment.mixes and self.head.multi_label:
+            raise ValueError("augment.mixup: mixup/cutmix are for single-label data; set mixup and cutmix to 0")
+        if self.head.features != "encoder":
+            raise ValueError("head.features: fine-tuning trains an encoder; pixels is for linprobe and knn")
+        return self
+
+
+def _pixels_without_init(features: str, field: str, init: InitConfig) -> None:
+    if features == "pixels" and init.format != "none":
+        raise ValueError(f"{field}: the pixel baseline uses no encoder; set init.format: none")
+
+
+class LinprobeRecipe(_DownstreamRecipe):
+    task: Literal["linprobe"] = Field(description="frozen encoder, BatchNorm + linear head trained with LARS")
+    head: HeadConfig = Field(default_factory=lambda: HeadConfig(pool="cls"))
+    optim: LinprobeOptimConfig
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LinprobeRecipe:
+        _pixels_without_init(self.head.features, "head.features", self.init)
+        return self
+
+
+class KnnRecipe(_DownstreamRecipe):
+    task: Literal["knn"] = Field(description="weighted k-NN on frozen features, no training")
+    knn: KnnConfig = Field(default_factory=KnnConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> KnnRecipe:
+        _pixels_without_init(self.knn.features, "knn.features", self.init)
+        return self
+
+
+DOWNSTREAM_TYPES = (FinetuneRecipe, LinprobeRecipe, KnnRecipe)
+RECIPE_TYPES = (Recipe, *DOWNSTREAM_TYPES)
+TASKS = ("pretrain", "finetune", "linprobe", "knn")
+
+
+def _task_of(value: Any) -> str | None:
+    task = value.get("task", "pretrain") if isinstance(value, dict) else getattr(value, "task", None)
+    return task if isinstance(task, str) else None
+
+
+AnyRecipe = Annotated[
+    Union[Annotated[Recipe, Tag("pretrain")], Annotated[FinetuneRecipe, Tag("finetune")],
+          Annotated[LinprobeRecipe, Tag("linprobe")], Annotated[KnnRecipe, Tag("knn")]],
+    Discriminator(_task_of, custom_error_type="unknown_task",
+                  custom_error_message=f"task must be one of {', '.join(TASKS)}"),
+]
+"""Any recipe, discriminated on `task` (absent = pretrain). `Recipe` itself stays the pretraining recipe."""
+RECIPE_ADAPTER: TypeAdapter[Any] = TypeAdapter(AnyRecipe)
 
 
 # --- loading --------------------------------------------------------------------------------------
@@ -132,8 +317,8 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
             index: Any = int(part)
         elif isinstance(node, dict):
             index = part
-            if not last:
-                node.setdefault(part, {})
+            if not last and node.get(part) is None:  # absent or null (e.g. `ema: null`): start a mapping
+                node[part] = {}
         else:
             raise RecipeError([(key, f"{'.'.join(parts[:i])} is not a mapping")], "command line")
         if last:
@@ -157,36 +342,47 @@ def read_recipe_tree(path: str | Path, overrides: list[str] = ()) -> dict[str, A
     return tree
 
 
-def _problems(err: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+_FIELD_MESSAGE = re.compile(r"^Value error, ([A-Za-z_]\w*(?:\.\w+)+): (.*)$", re.S)
+
+
+def _problems(err: ValidationError, prefix: str = "", tags: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """(field path, message) per error; a leading union tag in `tags` (the task) is not part of the path."""
     out = []
     for item in err.errors():
-        path = ".".join(str(p) for p in (prefix, *item["loc"]) if p != "")
-        out.append((path or prefix or "recipe", item["msg"]))
+        loc, message = item["loc"][1:] if item["loc"][:1] and item["loc"][0] in tags else item["loc"], item["msg"]
+        if item["type"] == "unknown_task":
+            loc = ("task",)
+        elif not loc and item["type"] == "value_error" and (named := _FIELD_MESSAGE.match(message)):
+            loc, message = tuple(named[1].split(".")), named[2]  # a recipe-level check naming its field
+        path = ".".join(str(p) for p in (prefix, *loc) if p != "")
+        out.append((path or prefix or "recipe", message))
     return out
 
 
-def parse_recipe(tree: Any, source: str = "recipe") -> Recipe:
-    """First pass: the schema. Raises RecipeError listing every problem with its field path."""
+def parse_recipe(tree: Any, source: str = "recipe") -> AnyRecipe:
+    """First pass: the schema, chosen by `task`. Raises RecipeError listing every problem with its field path."""
     try:
-        return Recipe.model_validate(tree)
+        return RECIPE_ADAPTER.validate_python(tree)
     except ValidationError as err:
-        raise RecipeError(_problems(err), source) from err
+        raise RecipeError(_problems(err, tags=TASKS), source) from err
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> AnyRecipe:
     return parse_recipe(read_recipe_tree(path, overrides), str(path))
 
 
-def component_refs(recipe: Recipe) -> list[tuple[str, str, ComponentRef]]:
-    """(field path, kind, ref) for every component the recipe names."""
-    refs = [("tokenizer", "tokenizer", recipe.tokenizer), ("masker", "masker", recipe.masker),
-            ("target", "target", recipe.target), ("data.train", "dataset", recipe.data.train)]
+def component_refs(recipe: AnyRecipe) -> list[tuple[str, str, ComponentRef]]:
+    """(field path, kind, ref) for every component the recipe names (downstream recipes have no masker,
+    target or losses)."""
+    refs = [("tokenizer", "tokenizer", recipe.tokenizer)]
+    refs += [(kind, kind, getattr(recipe, kind)) for kind in ("masker", "target") if hasattr(recipe, kind)]
+    refs += [("data.train", "dataset", recipe.data.train)]
     refs += [("data.eval", "dataset", recipe.data.eval)] if recipe.data.eval is not None else []
-    refs += [(f"losses.{i}", "loss", ref) for i, ref in enumerate(recipe.losses)]
+    refs += [(f"losses.{i}", "loss", ref) for i, ref in enumerate(getattr(recipe, "losses", []))]
     return refs
 
 
-def resolve_options(recipe: Recipe, registry) -> dict[str, BaseModel]:
+def resolve_options(recipe: AnyRecipe, registry) -> dict[str, BaseModel]:
     """Second pass: validate each component's options. Returns {field path: Options instance} and
     rewrites every ref's `options` with the complete, defaulted values (the resolved recipe)."""
     problems: list[tuple[str, str]] = []
@@ -209,5 +405,5 @@ def resolve_options(recipe: Recipe, registry) -> dict[str, BaseModel]:
     return resolved
 
 
-def dump_recipe(recipe: Recipe) -> str:
+def dump_recipe(recipe: AnyRecipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

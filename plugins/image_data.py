@@ -91,6 +91,9 @@ class ImageFolderDataset(ImageDataset):
     def __len__(self) -> int:
         return len(self.folder.samples)
 
+    def describe(self, index: int) -> str:
+        return self.folder.samples[index][0]
+
     def _load(self, index: int) -> tuple[Tensor, int]:
         path, label = self.folder.samples[index]
         image = self.folder.loader(path)

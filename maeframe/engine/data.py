@@ -1,11 +1,20 @@
 """Resumable, deterministic data order: the same seed gives the same batches and the same augmentation
-whatever the number of workers, and a run resumed mid-epoch continues with the exact next batch."""
+whatever the number of workers or processes, and a resumed run continues with the exact next batch.
+
+A global batch is `batch_size × world_size` consecutive positions of the epoch's permutation; rank r
+loads the r-th slice, so N processes see exactly the samples one process with an N× batch would.
+"""
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..recipe import DataConfig
+
+log = logging.getLogger("maeframe.data")
+MAX_RETRIES = 16
 
 
 def sample_seed(seed: int, epoch: int, position: int) -> int:
@@ -15,18 +24,18 @@ def sample_seed(seed: int, epoch: int, position: int) -> int:
 
 
 class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
-    """Yields full batches of (dataset index, augmentation seed); the permutation depends only on
-    (seed, epoch). `start(epoch, batch)` positions it, e.g. after a resume. Ranks take disjoint strides."""
+    """Yields this rank's part of each global batch as (dataset index, augmentation seed) pairs; the
+    permutation depends only on (seed, epoch). `start(epoch, batch)` positions it, e.g. after a resume."""
 
     def __init__(self, length: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  batches_multiple: int = 1):
         self.length, self.batch_size, self.seed = length, batch_size, seed
         self.rank, self.world_size = rank, world_size
-        per_rank = length // world_size
-        self.batches_per_epoch = (per_rank // batch_size) // batches_multiple * batches_multiple
+        global_batches = length // (batch_size * world_size)
+        self.batches_per_epoch = global_batches // batches_multiple * batches_multiple
         if self.batches_per_epoch == 0:
             raise ValueError(f"dataset of {length} samples gives no full batch of {batch_size} "
-                             f"(× {batches_multiple} accumulation steps × {world_size} ranks)")
+                             f"(× {batches_multiple} accumulation steps × {world_size} processes)")
         self.epoch, self.first_batch = 0, 0
 
     def start(self, epoch: int, batch: int = 0) -> None:
@@ -37,27 +46,44 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1))
-        order = torch.randperm(self.length, generator=generator)[self.rank::self.world_size].tolist()
+        order = torch.randperm(self.length, generator=generator).tolist()
+        global_batch = self.batch_size * self.world_size
         for b in range(self.first_batch, self.batches_per_epoch):
-            positions = range(b * self.batch_size, (b + 1) * self.batch_size)
-            yield [(order[p], sample_seed(self.seed, self.epoch, p * self.world_size + self.rank)) for p in positions]
+            first = b * global_batch + self.rank * self.batch_size
+            positions = range(first, first + self.batch_size)
+            yield [(order[p], sample_seed(self.seed, self.epoch, p)) for p in positions]
 
 
 class SeededDataset(Dataset):
     """Runs the wrapped dataset's random augmentation under the given per-sample seed, without
-    disturbing the caller's RNG (so masking draws in the main process are unaffected)."""
+    disturbing the caller's RNG (so masking draws in the main process are unaffected).
+
+    A sample that fails to load (corrupt, truncated, empty, unreadable file) is logged with its path (once
+    per loader process) and replaced by the next index; items are (sample, label, failed reads for it).
+    """
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
+        self.reported: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, item: tuple[int, int]):
         index, seed = item
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.dataset[index]
+        for skipped in range(MAX_RETRIES):
+            candidate = (index + skipped) % len(self.dataset)
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    sample, label = self.dataset[candidate]
+                return sample, label, skipped
+            except Exception as err:  # any failure of one sample is that sample's problem
+                if candidate not in self.reported:
+                    self.reported.add(candidate)
+                    where = self.dataset.describe(candidate) if hasattr(self.dataset, "describe") else candidate
+                    log.warning("skipping unreadable sample %s: %s: %s", where, type(err).__name__, err)
+        raise RuntimeError(f"{MAX_RETRIES} consecutive samples from index {index} failed to load; see the warnings")
 
 
 def make_loader(dataset: Dataset, config: DataConfig, sampler: ResumableBatchSampler, pin_memory: bool) -> DataLoader:

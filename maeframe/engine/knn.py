@@ -11,13 +11,14 @@ from ..tokenizer import Tokenizer
 
 @torch.no_grad()
 def encode_dataset(encoder: torch.nn.Module, tokenizer: Tokenizer, dataset: Dataset, device: torch.device,
-                   batch_size: int = 256, pool: str = "mean") -> tuple[Tensor, Tensor]:
+                   batch_size: int = 256, pool: str = "mean", num_workers: int = 0) -> tuple[Tensor, Tensor]:
     """Features of every sample with all tokens visible: ([N, D] float32 on CPU, [N] long labels).
-    pool: "mean" over patch tokens, or "cls"."""
+    pool: "mean" over patch tokens, or "cls"; num_workers: DataLoader processes decoding the samples."""
     was_training = encoder.training
     encoder.eval()
     features, labels = [], []
-    for batch, label in DataLoader(dataset, batch_size=batch_size):
+    for batch, label in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                   generator=torch.Generator()):
         latent = encoder(tokenizer.tokenize(batch.to(device)).patches)
         features.append((latent[:, 1:].mean(1) if pool == "mean" else latent[:, 0]).float().cpu())
         labels.append(torch.as_tensor(label))

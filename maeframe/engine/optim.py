@@ -16,10 +16,12 @@ def peak_lr(config: OptimConfig, effective_batch: int) -> float:
 
 def build_optimizer(model: nn.Module, config: OptimConfig, lr: float, device: torch.device) -> torch.optim.AdamW:
     """No weight decay on 1-D parameters (norms, biases) nor on the model's `no_weight_decay()` names
-    (cls and mask tokens; position embeddings are fixed buffers and never trained)."""
+    (cls and mask tokens; position embeddings are fixed buffers and never trained). The fused kernel
+    (CPU and CUDA) takes a device-side `found_inf` flag, which lets a non-finite step be skipped
+    without a host sync."""
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     groups = param_groups_weight_decay(model, config.weight_decay, no_weight_decay_list=skip)
-    return torch.optim.AdamW(groups, lr=lr, betas=config.betas, fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=lr, betas=config.betas, fused=True)
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, config: OptimConfig, steps_per_epoch: int) -> CosineLRScheduler:

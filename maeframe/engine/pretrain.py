@@ -1,9 +1,9 @@
-"""The MAE pretraining engine: one optimizer step = tokenize -> mask -> target -> model -> losses."""
+"""The MAE pretraining engine: data, run directory, checkpoints and the loop around `TrainStep`."""
 from __future__ import annotations
 
 import json
-import math
 import platform
+import signal
 import time
 from pathlib import Path
 
@@ -13,23 +13,37 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..build import Prepared, build_dataset
-from ..masker import Mask
-from ..model import MaskedAutoencoder
+from ..errors import MaeframeError
 from ..model.mae import count_parameters
 from ..recipe import dump_recipe
-from .checkpoint import FORMAT, atomic_save, load_checkpoint
-from .data import ResumableBatchSampler, make_loader
-from .optim import build_optimizer, build_schedule, peak_lr
+from .checkpoint import FORMAT, atomic_save, load_checkpoint, prune, remove_stale_temporaries
+from .data import ResumableBatchSampler, SeededDataset, make_loader
+from .distributed import any_rank, average, barrier, init_world, shutdown_world
+from .optim import peak_lr
 from .rundir import MetricsLog, RunDirectory
 from .runtime import rng_state, seed_everything, select_runtime, set_rng_state
+from .step import TrainStep
 from .visualize import reconstruction_panels
+
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(MaeframeError):
+    """SIGTERM/SIGUSR1 arrived; last.pt was written at a step boundary. Exit code 75: requeue and resume."""
+
+    exit_code = 75
+
+
+class NonFiniteError(MaeframeError):
+    """A step had a non-finite loss or gradient (it was not applied) and the recipe says stop."""
 
 
 class Pretrainer:
     """Builds everything a pretraining run needs from a prepared recipe; `train()` runs it.
 
     Resuming (`resume=True`) restores model, optimizer, grad scaler, step counter, every RNG, component
-    state and the data position from `<run>/last.pt`, so the run continues as if never stopped.
+    state and the data position from `<run>/last.pt`, so the run continues as if never stopped. Under
+    torchrun every process runs this; only rank 0 writes files.
     """
 
     def __init__(self, prepared: Prepared, resume: bool = False):
@@ -37,91 +51,51 @@ class Pretrainer:
         self.recipe = recipe = prepared.recipe
         self.components = prepared.components
         self.hook = prepared.pm.hook
-        self.runtime = select_runtime(recipe.runtime)
+        wants_cuda = recipe.runtime.device == "cuda" or (recipe.runtime.device == "auto" and torch.cuda.is_available())
+        self.world = init_world("cuda" if wants_cuda else "cpu")
+        self.runtime = select_runtime(recipe.runtime, self.world.local_rank)
         self.device = self.runtime.device
         seed_everything(recipe.seed)
 
         self.dataset = build_dataset(prepared, "train")
         data, optim = recipe.data, recipe.optim
-        self.sampler = ResumableBatchSampler(len(self.dataset), data.batch_size, recipe.seed,
-                                             batches_multiple=optim.accum_steps)
+        self.sampler = ResumableBatchSampler(len(self.dataset), data.batch_size, recipe.seed, self.world.rank,
+                                             self.world.world_size, batches_multiple=optim.accum_steps)
         self.loader = make_loader(self.dataset, data, self.sampler, pin_memory=self.device.type == "cuda")
         self.steps_per_epoch = self.sampler.batches_per_epoch // optim.accum_steps
         self.total_steps = optim.epochs * self.steps_per_epoch
-        self.world_size = 1
+        self.world_size = self.world.world_size
         self.effective_batch = data.batch_size * optim.accum_steps * self.world_size
         self.lr = peak_lr(optim, self.effective_batch)
-
-        spec = self.components.tokenizer.spec
-        self.model = MaskedAutoencoder(spec, self.components.target.out_dim, recipe.model).to(self.device)
-        self.step_model = torch.compile(self.model) if recipe.runtime.compile else self.model
-        for component in self.components.all():
-            component.attach(self.model)
-        self.optimizer = build_optimizer(self.model, optim, self.lr, self.device)
-        self.schedule = build_schedule(self.optimizer, optim, self.steps_per_epoch)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.runtime.uses_scaler)
+        self.engine = TrainStep(prepared, self.runtime, self.world, self.lr, self.steps_per_epoch)
+        self.model, self.optimizer = self.engine.model, self.engine.optimizer
         self.step = 0
+        self.samples_seen = self.samples_bad = 0
 
-        self.run_dir = RunDirectory(Path(recipe.runtime.output_dir) / recipe.name, resume)
+        self.run_dir = RunDirectory(Path(recipe.runtime.output_dir) / recipe.name, resume, self.world.is_main)
         if resume:
+            if self.world.is_main:
+                remove_stale_temporaries(self.run_dir.path)
             self._restore(load_checkpoint(self.run_dir.last, self.device))
         self._visual_data = None
-
-    # --- one step ------------------------------------------------------------------------------------
-
-    def predict(self, batch: torch.Tensor, mask: Mask | None = None):
-        """batch [B, *input_shape] on device -> (tokens, mask, prediction); a new mask unless given."""
-        tokens = self.components.tokenizer.tokenize(batch)
-        mask = mask if mask is not None else self.components.masker(batch.shape[0], batch.device)
-        with self.runtime.autocast():
-            prediction = self.step_model(tokens.patches, mask)
-        return tokens, mask, prediction
-
-    def forward_losses(self, batch: torch.Tensor, mask: Mask | None = None):
-        """batch [B, *input_shape] on device -> (total loss, {label: term}, tokens, mask, prediction)."""
-        c = self.components
-        tokens, mask, prediction = self.predict(batch, mask)
-        with torch.no_grad(), self.runtime.autocast():
-            target = c.target(tokens, mask)
-        terms = {name: loss(prediction, target, mask) for name, _, loss in c.losses}
-        total = sum(weight * terms[name] for name, weight, _ in c.losses)
-        return total, terms, tokens, mask, prediction
-
-    def _optimizer_step(self, micro_batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Accumulates gradients over the micro-batches and steps once. Returns detached sums on device."""
-        self.schedule.step_update(self.step)
-        for component in self.components.all():
-            component.set_progress(self.step, self.step / self.steps_per_epoch)
-        sums: dict[str, torch.Tensor] = {}
-        accum = len(micro_batches)
-        for batch in micro_batches:
-            batch = batch.to(self.device, non_blocking=True)
-            total, terms, *_ = self.forward_losses(batch)
-            self.scaler.scale(total / accum).backward()
-            for key, value in {"loss": total, **{f"loss/{k}": v for k, v in terms.items()}}.items():
-                sums[key] = sums.get(key, 0) + value.detach() / accum
-        if self.recipe.optim.clip_grad is not None:
-            self.scaler.unscale_(self.optimizer)
-            sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.optim.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        return sums
+        self._signal = None
 
     # --- the loop ------------------------------------------------------------------------------------
 
     def train(self) -> dict[str, float]:
-        recipe = self.recipe
-        max_steps = recipe.runtime.max_steps
-        stop_at = min(self.total_steps, max_steps) if max_steps else self.total_steps
-        self._write_run_files()
-        log = MetricsLog(self.run_dir.path, recipe.runtime.tensorboard)
+        recipe, runtime = self.recipe, self.recipe.runtime
+        stop_at = min(self.total_steps, runtime.max_steps) if runtime.max_steps else self.total_steps
+        log = None
+        if self.world.is_main:
+            self._write_run_files()
+            log = MetricsLog(self.run_dir.path, runtime.tensorboard, resume_step=self.step)
         self.hook.on_train_start(run=self)
-        bar = tqdm(total=stop_at, initial=self.step, disable=not recipe.runtime.progress_bar, unit="step",
-                   dynamic_ncols=True, mininterval=1.0)
+        bar = tqdm(total=stop_at, initial=self.step, disable=not (runtime.progress_bar and self.world.is_main),
+                   unit="step", dynamic_ncols=True, mininterval=1.0)
         last: dict[str, float] = {}
-        window = _Window(self.step)
+        window = _Window()
         accum = recipe.optim.accum_steps
+        previous = {s: signal.signal(s, self._on_signal) for s in PREEMPT_SIGNALS}
         try:
             while self.step < stop_at:
                 epoch = self.step // self.steps_per_epoch
@@ -130,45 +104,86 @@ class Pretrainer:
                 epoch_end = min((epoch + 1) * self.steps_per_epoch, stop_at)
                 while self.step < epoch_end:
                     waited = time.perf_counter()
-                    micro = [next(batches)[0] for _ in range(accum)]
+                    micro = [self._next(batches) for _ in range(accum)]
                     window.data_wait += time.perf_counter() - waited
-                    window.add(self._optimizer_step(micro))
+                    window.add(self.engine(self.step, micro))
                     self.step += 1
                     bar.update(1)
-                    if self.step % recipe.runtime.log_interval == 0 or self.step == stop_at:
-                        last = self._log(window.flush(self.step, self.effective_batch), log, bar)
+                    at_log = self.step % runtime.log_interval == 0 or self.step == stop_at
+                    if at_log:
+                        last = self._log(window.flush(self.effective_batch), log, bar)
+                    if runtime.checkpoint_every_steps and self.step % runtime.checkpoint_every_steps == 0:
+                        self.save(self.run_dir.last)
+                    if self._preempted(every_step=not self.world.distributed or at_log):
+                        self.save(self.run_dir.last)
+                        raise Preempted(f"stopped by signal {self._signal} at step {self.step}; "
+                                        f"{self.run_dir.last} holds it: rerun with --resume")
                 del batches
                 if self.step % self.steps_per_epoch == 0:
                     self._end_epoch(self.step // self.steps_per_epoch, last)
-            if not self.run_dir.last.is_file() or self.step % self.steps_per_epoch:
+            if self.step % self.steps_per_epoch or not self.run_dir.last.is_file():
                 self.save(self.run_dir.last)
+            barrier(self.world)
         finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             bar.close()
-            log.close()
+            if log is not None:
+                log.close()
         self.hook.on_train_end(run=self, metrics=last)
+        shutdown_world(self.world)
         return last
 
-    def _log(self, metrics: dict[str, float], log: MetricsLog, bar: tqdm) -> dict[str, float]:
+    def _next(self, batches) -> torch.Tensor:
+        """The next micro-batch; counts unreadable samples the loader skipped and stops above the limit."""
+        batch, _, failed = next(batches)
+        self.samples_bad += int(failed.sum())
+        self.samples_seen += len(batch) + int(failed.sum())
+        limit = self.recipe.data.max_bad_fraction
+        if self.samples_bad > limit * self.samples_seen:
+            raise MaeframeError(f"{self.samples_bad} of {self.samples_seen} sample reads failed (more than "
+                                f"data.max_bad_fraction={limit}); see the warnings for their paths")
+        return batch
+
+    def _on_signal(self, signum, frame) -> None:
+        self._signal = signal.Signals(signum).name
+
+    def _preempted(self, every_step: bool) -> bool:
+        """Ranks agree on stopping only at logging steps (one collective), a single process every step."""
+        return every_step and any_rank(self._signal is not None, self.world, self.device)
+
+    def _log(self, metrics: dict[str, float], log: MetricsLog | None, bar: tqdm) -> dict[str, float]:
+        metrics = average(metrics, self.world, self.device)
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics["epoch"] = round(self.step / self.steps_per_epoch, 4)
+        metrics["nonfinite_steps"] = int(self.engine.nonfinite)
+        metrics["bad_samples"] = self.samples_bad
         for component in self.components.all():
             metrics.update({f"{component.kind}/{key}": value for key, value in component.metrics().items()})
-        metrics["epoch"] = round(self.step / self.steps_per_epoch, 4)
         if self.device.type == "cuda":
             metrics["max_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-        log.write(self.step, metrics)
+        if log is not None:
+            log.write(self.step, metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", img_s=f"{metrics['img_s']:.0f}",
                         refresh=False)
         self.hook.log_metrics(step=self.step, metrics=metrics)
+        if metrics["nonfinite_steps"] and self.recipe.runtime.nonfinite == "stop":
+            raise NonFiniteError(f"non-finite loss or gradients at step {int(self.engine.first_nonfinite)}: that "
+                                 f"update was not applied; stopping (runtime.nonfinite=stop). The last checkpoint "
+                                 f"is {self.run_dir.last}; lower the lr, enable optim.clip_grad, or set "
+                                 f"runtime.nonfinite=skip")
         return metrics
 
     def _end_epoch(self, epochs_done: int, metrics: dict[str, float]) -> None:
         runtime = self.recipe.runtime
         final = epochs_done == self.recipe.optim.epochs
-        if epochs_done % runtime.visualize_interval == 0 or final:
+        if self.world.is_main and (epochs_done % runtime.visualize_interval == 0 or final):
             self.visualize(self.run_dir.path / "reconstructions" / f"epoch{epochs_done:04d}.png")
         self.save(self.run_dir.last)
         if epochs_done % runtime.checkpoint_interval == 0 or final:
             self.save(self.run_dir.periodic(epochs_done))
+            if self.world.is_main:
+                prune(self.run_dir.periodic_checkpoints(), runtime.keep_checkpoints)
         self.hook.on_epoch_end(run=self, epoch=epochs_done, metrics=metrics)
 
     # --- state -----------------------------------------------------------------------------------------
@@ -178,9 +193,8 @@ class Pretrainer:
         return {
             "format": FORMAT,
             "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
+            **self.engine.state_dict(),
+            "samples": torch.tensor([self.samples_seen, self.samples_bad]),
             "rng": rng_state(),
             "components": {"masker": c.masker.state_dict(), "target": c.target.state_dict(),
                            **{f"loss.{i}": loss.state_dict() for i, (_, _, loss) in enumerate(c.losses)}},
@@ -188,18 +202,21 @@ class Pretrainer:
         }
 
     def save(self, path: Path) -> None:
-        atomic_save(self.state_dict(), path)
+        """Rank 0 writes `path` atomically; a model with non-finite weights is never written."""
+        if not self.engine.model_is_finite():
+            raise NonFiniteError(f"refusing to write {path}: the model has non-finite weights at step {self.step}")
+        if self.world.is_main:
+            atomic_save(self.state_dict(), path)
 
     def _restore(self, state: dict) -> None:
         c = self.components
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        self.engine.load_state_dict(state)
         c.masker.load_state_dict(state["components"]["masker"])
         c.target.load_state_dict(state["components"]["target"])
         for i, (_, _, loss) in enumerate(c.losses):
             loss.load_state_dict(state["components"][f"loss.{i}"])
         self.step = state["step"]
+        self.samples_seen, self.samples_bad = (int(v) for v in state.get("samples", torch.zeros(2)))
         set_rng_state(state["rng"])
 
     def _write_run_files(self) -> None:
@@ -217,23 +234,31 @@ class Pretrainer:
         }
         self.run_dir.write_text("run.json", json.dumps(facts, indent=2) + "\n")
 
+    # --- compatibility with the step object ------------------------------------------------------------
+
+    def predict(self, batch: torch.Tensor, mask=None):
+        return self.engine.predict(batch, mask, self.step)
+
+    def forward_losses(self, batch: torch.Tensor, mask=None):
+        return self.engine.forward_losses(batch, mask, self.step)
+
     # --- pictures --------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def visualize(self, path: Path) -> list[Path]:
-        """Save reconstructions of the first samples of the un-augmented dataset under a fixed mask."""
-        if self._visual_data is None:
-            self._visual_data = build_dataset(self.prepared, "eval")
+        """Save reconstructions of the first held-out samples under a fixed mask; returns the files."""
+        if self._visual_data is None:  # skips unreadable files like training does
+            self._visual_data = SeededDataset(build_dataset(self.prepared, "eval"))
         count = min(self.recipe.runtime.visualize_samples, len(self._visual_data))
-        batch = torch.stack([self._visual_data[i][0] for i in range(count)]).to(self.device)
+        batch = torch.stack([self._visual_data[(i, self.recipe.seed)][0] for i in range(count)]).to(self.device)
         was_training = self.model.training
         self.model.eval()
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.recipe.seed)
             mask = self.components.masker(count, self.device)
-        tokens, mask, prediction = self.predict(batch, mask)
+        tokens, mask, prediction = self.engine.predict(batch, mask, self.step, model=self.model)
         self.model.train(was_training)
-        panels = reconstruction_panels(self.components, self._visual_data, tokens, mask, prediction)
+        panels = reconstruction_panels(self.components, self._visual_data.dataset, tokens, mask, prediction)
         if panels is None:
             return []
         return self.components.tokenizer.save_pictures(panels.cpu(), path)
@@ -242,23 +267,21 @@ class Pretrainer:
 class _Window:
     """Sums of per-step device tensors between two log lines; one host sync when flushed."""
 
-    def __init__(self, step: int):
+    def __init__(self):
         self.sums: dict[str, torch.Tensor] = {}
-        self.steps, self.start_step, self.start, self.data_wait = 0, step, time.perf_counter(), 0.0
+        self.steps, self.start, self.data_wait = 0, time.perf_counter(), 0.0
 
     def add(self, values: dict[str, torch.Tensor]) -> None:
         for key, value in values.items():
             self.sums[key] = self.sums.get(key, 0) + value
         self.steps += 1
 
-    def flush(self, step: int, effective_batch: int) -> dict[str, float]:
+    def flush(self, effective_batch: int) -> dict[str, float]:
         metrics = {key: float(value) / self.steps for key, value in self.sums.items()}  # the host sync
         elapsed = time.perf_counter() - self.start
         metrics["img_s"] = round(self.steps * effective_batch / elapsed, 2)
         metrics["data_wait"] = round(self.data_wait / elapsed, 4)
-        if not all(math.isfinite(v) for v in metrics.values()):
-            metrics["nonfinite"] = 1.0
-        self.__init__(step)
+        self.__init__()
         return metrics
 
 

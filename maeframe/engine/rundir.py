@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -9,9 +10,10 @@ from ..errors import MaeframeError
 
 
 class RunDirectory:
-    """`<output_dir>/<name>/`. A directory that already holds a run is only reused by a resume."""
+    """`<output_dir>/<name>/`. A directory that already holds a run is only reused by a resume.
+    Only the main process creates and writes it."""
 
-    def __init__(self, root: str | Path, resume: bool):
+    def __init__(self, root: str | Path, resume: bool, is_main: bool = True):
         self.path = Path(root)
         self.last = self.path / "last.pt"
         if resume and not self.last.is_file():
@@ -19,10 +21,15 @@ class RunDirectory:
         if not resume and (self.last.is_file() or (self.path / "metrics.jsonl").is_file()):
             raise MaeframeError(f"{self.path} already holds a run; pass --resume to continue it, or set "
                                 f"another name (e.g. `name=other`)")
-        self.path.mkdir(parents=True, exist_ok=True)
+        if is_main:
+            self.path.mkdir(parents=True, exist_ok=True)
 
     def periodic(self, epoch: int) -> Path:
         return self.path / f"checkpoint-epoch{epoch:04d}.pt"
+
+    def periodic_checkpoints(self) -> list[Path]:
+        """Periodic checkpoints, oldest first."""
+        return sorted(self.path.glob("checkpoint-epoch*.pt"))
 
     def write_text(self, name: str, text: str) -> None:
         tmp = self.path / f".{name}.tmp"
@@ -31,18 +38,29 @@ class RunDirectory:
 
 
 class MetricsLog:
-    """Appends one JSON object per logging interval to metrics.jsonl and mirrors scalars to TensorBoard."""
+    """Appends one JSON object per logging interval to metrics.jsonl and mirrors scalars to TensorBoard.
 
-    def __init__(self, run_dir: Path, tensorboard: bool):
-        self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+    On a resume from step S, lines and events after S (written before a crash, and about to be
+    recomputed) are dropped first, so every step appears once."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int = 0):
+        path = run_dir / "metrics.jsonl"
+        if resume_step and path.is_file():
+            kept = [line for line in path.read_text().splitlines(keepends=True)
+                    if line.endswith("\n") and json.loads(line)["step"] <= resume_step]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(kept))
+            tmp.replace(path)
+        self.file = open(path, "a", buffering=1)
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step or None)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
-        self.file.write(json.dumps({"step": step, "time": round(time.time(), 3), **metrics}) + "\n")
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        self.file.write(json.dumps({"step": step, "time": round(time.time(), 3), **clean}) + "\n")
         if self.writer is not None:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)):

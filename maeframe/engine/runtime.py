@@ -31,11 +31,12 @@ class Runtime:
         return self.precision == "fp16"
 
 
-def select_runtime(config: RuntimeConfig) -> Runtime:
+def select_runtime(config: RuntimeConfig, local_rank: int = 0) -> Runtime:
+    """The device (this process's GPU under torchrun) and the precision a recipe asks for."""
     if config.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("runtime.device is 'cuda' but no CUDA device is available")
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
-                          config.device if config.device != "auto" else "cpu")
+    use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     precision = config.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"

@@ -1,0 +1,186 @@
+"""Never lose work: kill -9 and SIGTERM with exact resume, non-finite steps, checkpoint hygiene, bad files."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import namedtuple
+
+import pytest
+import torch
+from PIL import Image
+
+from maeframe.build import prepare
+from maeframe.engine.checkpoint import atomic_save, load_checkpoint
+from maeframe.engine.pretrain import NonFiniteError, Pretrainer
+from maeframe.errors import MaeframeError
+from conftest import QUICKSTART, tiny
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def cli(*args):
+    return [sys.executable, "-m", "maeframe", "run", str(QUICKSTART), *args]
+
+
+LONG = ["data.train.options.limit=320", "runtime.checkpoint_every_steps=2"]  # 2 epochs × 20 steps
+
+
+def test_kill_9_then_resume_is_identical_to_an_uninterrupted_run(tmp_path):
+    subprocess.run(cli(*tiny(tmp_path / "straight", *LONG)), check=True, capture_output=True)
+    expected = metrics(tmp_path / "straight" / "quickstart")
+    run_dir = tmp_path / "killed" / "quickstart"
+    process = subprocess.Popen(cli(*tiny(tmp_path / "killed", *LONG)), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
+        if len(lines) >= 7:
+            break
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    saved = load_checkpoint(run_dir / "last.pt")["step"]
+    assert 2 <= saved < 40 and saved % 2 == 0  # at most 2 steps of work lost
+    subprocess.run(cli(*tiny(tmp_path / "killed", *LONG), "--resume"), check=True, capture_output=True)
+    resumed = metrics(run_dir)
+    assert [m["step"] for m in resumed] == list(range(1, 41))
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in expected]
+
+
+def test_sigterm_checkpoints_and_exits_for_requeue(tmp_path):
+    run_dir = tmp_path / "quickstart"
+    process = subprocess.Popen(cli(*tiny(tmp_path, "data.train.options.limit=320")), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run_dir / "metrics.jsonl").exists() and
+                                          len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 3):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 75, err
+    assert "stopped by signal SIGTERM" in err and "--resume" in err
+    state = load_checkpoint(run_dir / "last.pt")
+    assert state["step"] == len(metrics(run_dir))
+    done = subprocess.run(cli(*tiny(tmp_path, "data.train.options.limit=320"), "--auto-resume"), capture_output=True)
+    assert done.returncode == 0 and metrics(run_dir)[-1]["step"] == 40
+
+
+NAN_PLUGIN = """
+import torch
+from maeframe import Loss, hookimpl
+
+class NanAtStep(Loss):
+    '''0 normally, NaN at step 3 (a stand-in for an fp overflow).'''
+    step = 0
+    def set_progress(self, step, epoch):
+        self.step = step
+    def __call__(self, prediction, target, mask):
+        zero = prediction.values.float().sum() * 0
+        return zero + (float('nan') if self.step == 3 else 0.0)
+
+@hookimpl
+def register_losses(register):
+    register("nan_at_3", NanAtStep)
+"""
+
+
+@pytest.fixture
+def nan_recipe(tmp_path, monkeypatch):
+    (tmp_path / "nan_plugin.py").write_text(NAN_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return lambda *extra: prepare(QUICKSTART, tiny(tmp_path / "out", "plugins=[nan_plugin]",
+                                                   "losses=[{name: mse}, {name: nan_at_3}]", *extra))
+
+
+def test_a_non_finite_step_is_skipped_and_counted(nan_recipe):
+    trainer = Pretrainer(nan_recipe("runtime.nonfinite=skip", "runtime.max_steps=3"))
+    trainer.train()
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    adam_step = trainer.optimizer.state[trainer.model.encoder.cls_token]["step"].item()
+    trainer.engine(3, [next(iter(trainer.loader))[0]])  # the NaN step
+    assert all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in before.items())
+    assert trainer.optimizer.state[trainer.model.encoder.cls_token]["step"].item() == adam_step
+    assert int(trainer.engine.nonfinite) == 1 and int(trainer.engine.first_nonfinite) == 3
+
+
+def test_skip_policy_finishes_the_run(nan_recipe, tmp_path):
+    Pretrainer(nan_recipe("runtime.nonfinite=skip")).train()
+    lines = metrics(tmp_path / "out" / "quickstart")
+    assert lines[3]["loss"] is None and lines[3]["nonfinite_steps"] == 1 and lines[-1]["step"] == 8
+    assert all(torch.isfinite(v).all() for v in load_checkpoint(tmp_path / "out" / "quickstart" / "last.pt")["model"].values())
+
+
+def test_stop_policy_names_the_step(nan_recipe, tmp_path):
+    with pytest.raises(NonFiniteError, match="non-finite loss or gradients at step 3"):
+        Pretrainer(nan_recipe()).train()
+    assert not (tmp_path / "out" / "quickstart" / "last.pt").exists()  # nothing after the bad step was saved
+
+
+def test_a_non_finite_model_is_never_checkpointed(tmp_path):
+    trainer = Pretrainer(prepare(QUICKSTART, tiny(tmp_path)))
+    with torch.no_grad():
+        trainer.model.decoder.head.weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match="refusing to write"):
+        trainer.save(tmp_path / "x.pt")
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_keep_last_k_periodic_checkpoints(tmp_path):
+    Pretrainer(prepare(QUICKSTART, tiny(tmp_path, "optim.epochs=4", "runtime.checkpoint_interval=1",
+                                        "runtime.keep_checkpoints=2"))).train()
+    names = sorted(p.name for p in (tmp_path / "quickstart").glob("checkpoint-*.pt"))
+    assert names == ["checkpoint-epoch0003.pt", "checkpoint-epoch0004.pt"]
+
+
+def test_full_disk_is_a_clear_error_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    atomic_save({"format": "maeframe-checkpoint-1", "step": 1}, path)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**9, 10**9, 1000))
+    with pytest.raises(MaeframeError, match="not enough disk space.*MiB free"):
+        atomic_save({"format": "maeframe-checkpoint-1", "step": 2, "w": torch.zeros(10**6)}, path)
+    assert load_checkpoint(path)["step"] == 1
+
+
+def image_tree(root, good, bad):
+    """good images 000.png..., and bad files named to sort between them (each followed by a good one)."""
+    (root / "a").mkdir(parents=True)
+    for i in range(good):
+        Image.new("L", (28, 28), 40 + i).save(root / "a" / f"{i:03d}.png")
+    kinds = [b"", b"not an image at all", None]
+    for i in range(bad):
+        content = kinds[i % 3]
+        if content is None:  # a truncated PNG
+            Image.new("L", (28, 28), 3).save(root / "a" / "full.png")
+            content = (root / "a" / "full.png").read_bytes()[:40]
+            (root / "a" / "full.png").unlink()
+        (root / "a" / f"{i:03d}_bad.png").write_bytes(content)
+
+
+def folder_recipe(tmp_path, root, *extra):
+    return prepare(QUICKSTART, tiny(tmp_path / "out", "data.train.name=image_folder",
+                                    f"data.train.options={{root: {root}, mean: [0.5], std: [0.5]}}", *extra))
+
+
+def test_corrupt_files_are_skipped_counted_and_logged(tmp_path, caplog):
+    image_tree(tmp_path / "data", good=61, bad=3)
+    trainer = Pretrainer(folder_recipe(tmp_path, tmp_path / "data", "data.max_bad_fraction=0.1"))
+    with caplog.at_level("WARNING", logger="maeframe.data"):
+        trainer.train()
+    lines = metrics(tmp_path / "out" / "quickstart")
+    assert lines[-1]["step"] == 8 and lines[-1]["bad_samples"] == 6  # 3 bad files × 2 epochs
+    assert "000_bad.png" in caplog.text and "002_bad.png" in caplog.text
+    reports = [r for r in caplog.records if "002_bad.png" in r.getMessage()]
+    assert len(reports) == 2  # once by the training loader, once by the pictures; counted every time
+
+
+def test_too_many_corrupt_files_stop_the_run(tmp_path):
+    image_tree(tmp_path / "data", good=40, bad=24)
+    with pytest.raises(MaeframeError, match="sample reads failed.*data.max_bad_fraction=0.01"):
+        Pretrainer(folder_recipe(tmp_path, tmp_path / "data")).train()
