@@ -11,8 +11,9 @@ from .dataset import Dataset
 from .errors import RecipeError
 from .loss import Loss
 from .masker import Masker
+from .model.windowed import resolve_window
 from .plugins import make_plugin_manager
-from .recipe import Recipe, load_recipe, resolve_options
+from .recipe import RECIPE_TYPES, AnyRecipe, load_recipe, resolve_options
 from .registry import Registry
 from .target import Target
 from .tokenizer import Tokenizer
@@ -21,20 +22,22 @@ from .tokenizer import Tokenizer
 @dataclass
 class Components:
     """The per-step objects a recipe selects. losses: (label, weight, loss) in recipe order; the label is
-    the loss name, or "name.i" when a name appears twice (metrics are logged as loss/<label>)."""
+    the loss name, or "name.i" when a name appears twice (metrics are logged as loss/<label>).
+    Downstream recipes (finetune, linprobe, knn) have only a tokenizer: masker and target are None."""
 
     tokenizer: Tokenizer
-    masker: Masker
-    target: Target
+    masker: Masker | None
+    target: Target | None
     losses: list[tuple[str, float, Loss]]
 
     def all(self) -> list[Component]:
-        return [self.tokenizer, self.masker, self.target, *(loss for _, _, loss in self.losses)]
+        parts = [self.tokenizer, self.masker, self.target, *(loss for _, _, loss in self.losses)]
+        return [part for part in parts if part is not None]
 
 
 @dataclass
 class Prepared:
-    recipe: Recipe
+    recipe: AnyRecipe
     pm: pluggy.PluginManager
     registry: Registry
     components: Components
@@ -47,11 +50,11 @@ def _construct(path: str, factory, *args):
         raise RecipeError([(path, f"{type(err).__name__}: {err}")]) from err
 
 
-def prepare(recipe: Recipe | str | Path, overrides: list[str] = ()) -> Prepared:
+def prepare(recipe: AnyRecipe | str | Path, overrides: list[str] = ()) -> Prepared:
     """Validate a recipe fully (schema, component options, construction, plugin checks) and build the
     per-step components. Touches no data and writes nothing."""
     source = "recipe"
-    if not isinstance(recipe, Recipe):
+    if not isinstance(recipe, RECIPE_TYPES):
         source = str(recipe)
         recipe = load_recipe(recipe, overrides)
     pm = make_plugin_manager(recipe.plugins)
@@ -63,10 +66,18 @@ def prepare(recipe: Recipe | str | Path, overrides: list[str] = ()) -> Prepared:
         raise RecipeError(err.problems, source) from err
 
 
-def _prepare(recipe: Recipe, pm: pluggy.PluginManager, registry: Registry) -> Prepared:
+def _prepare(recipe: AnyRecipe, pm: pluggy.PluginManager, registry: Registry) -> Prepared:
     options = resolve_options(recipe, registry)
     get = lambda kind, ref: registry.get(kind, ref.name).cls  # noqa: E731
     tokenizer = _construct("tokenizer", get("tokenizer", recipe.tokenizer), options["tokenizer"])
+    model = recipe.model
+    if model.decoder_attention == "local":
+        shift = model.decoder_window_shift or tuple(w // 2 for w in model.decoder_window)
+        _construct("model.decoder_window", resolve_window, tokenizer.spec.grid, model.decoder_window, shift)
+    if recipe.task != "pretrain":
+        # finetune / linprobe / knn need the tokenizer only; `validate_recipe` hooks inspect pretraining
+        # recipes (masker, target, losses) and are not called for them
+        return Prepared(recipe, pm, registry, Components(tokenizer, None, None, []))
     masker = _construct("masker", get("masker", recipe.masker), options["masker"], tokenizer.spec)
     target = _construct("target", get("target", recipe.target), options["target"], tokenizer)
     names = [ref.name for ref in recipe.losses]
@@ -78,7 +89,7 @@ def _prepare(recipe: Recipe, pm: pluggy.PluginManager, registry: Registry) -> Pr
     return Prepared(recipe, pm, registry, Components(tokenizer, masker, target, losses))
 
 
-def _run_validate_hook(pm: pluggy.PluginManager, recipe: Recipe) -> None:
+def _run_validate_hook(pm: pluggy.PluginManager, recipe: AnyRecipe) -> None:
     for impl in pm.hook.validate_recipe.get_hookimpls():
         try:
             impl.function(recipe=recipe)
@@ -87,15 +98,17 @@ def _run_validate_hook(pm: pluggy.PluginManager, recipe: Recipe) -> None:
             raise RecipeError([(path, message) if sep else ("recipe", str(err))]) from err
 
 
-def build_dataset(prepared: Prepared, split: str = "train") -> Dataset:
+def build_dataset(prepared: Prepared, split: str = "train", augment: bool | None = None) -> Dataset:
     """The training dataset (augmented), or with split="eval" the held-out one (`data.eval`, else the
-    training data without augmentation), at the tokenizer's input shape."""
+    training data without augmentation), at the tokenizer's input shape. `augment` overrides the
+    split's default (e.g. the training set without augmentation for a k-NN feature bank)."""
     data = prepared.recipe.data
     path, ref = ("data.eval", data.eval) if split == "eval" and data.eval is not None else ("data.train", data.train)
     entry = prepared.registry.get("dataset", ref.name)
     options = entry.cls.Options.model_validate(ref.options)
     try:
-        return entry.cls(options, prepared.components.tokenizer.input_shape, split == "train")
+        return entry.cls(options, prepared.components.tokenizer.input_shape,
+                         split == "train" if augment is None else augment)
     except ValueError as err:
         raise RecipeError([(path, str(err))]) from err
 

@@ -39,6 +39,11 @@ class ModelConfig(Strict):
     decoder_depth: int = Field(8, gt=0, description="decoder blocks")
     decoder_num_heads: int = Field(16, gt=0, description="decoder attention heads")
     drop_path: float = Field(0.0, ge=0, lt=1, description="stochastic depth rate of the last encoder block")
+    decoder_attention: Literal["global", "local"] = Field(
+        "global", description="decoder self-attention: global, or local shifted windows over a 2-D grid (AudioMAE)")
+    decoder_window: tuple[int, int] = Field((4, 4), description="local attention window in tokens per grid axis")
+    decoder_window_shift: tuple[int, int] | None = Field(
+        None, description="shift of every other local block (null = half the window; AudioMAE uses [2, 0])")
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelConfig:
@@ -98,6 +103,8 @@ class RuntimeConfig(Strict):
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps (smoke runs)")
     tensorboard: bool = Field(True, description="also write TensorBoard event files")
     progress_bar: bool = Field(True, description="show a progress bar on the terminal")
+    threads: int | None = Field(None, gt=0, description="torch CPU threads per process (null = torch's "
+                                                        "default); 1 helps on small CPUs with loader workers")
 
 
 class Recipe(Strict):

@@ -73,3 +73,25 @@ def test_mae_initialisation():
     assert abs(model.encoder.cls_token.std().item() - 0.02) < 0.01
     assert all(torch.all(m.weight == 1) for m in model.modules() if isinstance(m, torch.nn.LayerNorm))
     assert not any("pos_embed" in name for name in model.state_dict())  # fixed, recomputed from the grid
+
+
+def test_local_decoder_attention_from_the_recipe():
+    from maeframe.model.windowed import WindowedBlock
+
+    spec = TokenSpec(grid=(8, 4), patch_size=(4, 4), channels=1)
+    config = CONFIG.model_copy(update={"decoder_attention": "local", "decoder_window": (4, 2), "decoder_depth": 2})
+    model = MaskedAutoencoder(spec, spec.patch_dim, config)
+    assert all(isinstance(block, WindowedBlock) for block in model.decoder.blocks)
+    assert [block.attn.shift for block in model.decoder.blocks] == [(0, 0), (2, 1)]
+    out = model(torch.randn(2, 32, 16), Mask.from_noise(torch.rand(2, 32), 8))
+    assert out.values.shape == (2, 32, 16)
+
+
+def test_local_window_must_fit_the_grid():
+    from maeframe.build import prepare
+    from maeframe.errors import RecipeError
+    from conftest import QUICKSTART
+
+    with pytest.raises(RecipeError) as err:
+        prepare(QUICKSTART, ["model.decoder_attention=local", "model.decoder_window=[3, 3]"])
+    assert err.value.problems[0][0] == "model.decoder_window"

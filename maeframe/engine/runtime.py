@@ -35,6 +35,8 @@ def select_runtime(config: RuntimeConfig, local_rank: int = 0) -> Runtime:
     """The device (this process's GPU under torchrun) and the precision a recipe asks for."""
     if config.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("runtime.device is 'cuda' but no CUDA device is available")
+    if config.threads:
+        torch.set_num_threads(config.threads)
     use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     precision = config.precision

@@ -19,7 +19,9 @@ class MaskedAutoencoder(nn.Module):
         self.encoder = Encoder(spec.grid, spec.patch_dim, config.embed_dim, config.depth, config.num_heads,
                                config.mlp_ratio, config.drop_path)
         self.decoder = Decoder(spec.grid, config.embed_dim, out_dim, config.decoder_embed_dim,
-                               config.decoder_depth, config.decoder_num_heads, config.mlp_ratio)
+                               config.decoder_depth, config.decoder_num_heads, config.mlp_ratio,
+                               config.decoder_window if config.decoder_attention == "local" else None,
+                               config.decoder_window_shift)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -8,6 +8,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from .pos_embed import sincos_pos_embed
+from .windowed import make_windowed_blocks
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -56,12 +57,18 @@ class Decoder(nn.Module):
     """Projects the latent, fills hidden positions with a shared mask token, and predicts every token."""
 
     def __init__(self, grid: tuple[int, ...], encoder_dim: int, out_dim: int, embed_dim: int, depth: int,
-                 num_heads: int, mlp_ratio: float = 4.0):
+                 num_heads: int, mlp_ratio: float = 4.0, window: tuple[int, int] | None = None,
+                 window_shift: tuple[int, int] | None = None):
+        """window: None = global attention; (wt, wf) = local shifted-window attention on a 2-D grid."""
         super().__init__()
         self.embed = nn.Linear(encoder_dim, embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.register_buffer("pos_embed", sincos_pos_embed(tuple(grid), embed_dim)[None], persistent=False)
-        self.blocks = make_blocks(embed_dim, depth, num_heads, mlp_ratio)
+        if window is None:
+            self.blocks = make_blocks(embed_dim, depth, num_heads, mlp_ratio)
+        else:
+            self.blocks = make_windowed_blocks(embed_dim, depth, num_heads, mlp_ratio, tuple(grid), window,
+                                               window_shift, cls_mode="separate")
         self.norm = LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, out_dim)
 
