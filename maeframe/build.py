@@ -70,14 +70,14 @@ def _prepare(recipe: AnyRecipe, pm: pluggy.PluginManager, registry: Registry) ->
     options = resolve_options(recipe, registry)
     get = lambda kind, ref: registry.get(kind, ref.name).cls  # noqa: E731
     tokenizer = _construct("tokenizer", get("tokenizer", recipe.tokenizer), options["tokenizer"])
-    model = recipe.model
-    if model.decoder_attention == "local":
-        shift = model.decoder_window_shift or tuple(w // 2 for w in model.decoder_window)
-        _construct("model.decoder_window", resolve_window, tokenizer.spec.grid, model.decoder_window, shift)
     if recipe.task != "pretrain":
         # finetune / linprobe / knn need the tokenizer only; `validate_recipe` hooks inspect pretraining
         # recipes (masker, target, losses) and are not called for them
         return Prepared(recipe, pm, registry, Components(tokenizer, None, None, []))
+    model = recipe.model
+    if model.decoder_attention == "local":
+        shift = model.decoder_window_shift or tuple(w // 2 for w in model.decoder_window)
+        _construct("model.decoder_window", resolve_window, tokenizer.spec.grid, model.decoder_window, shift)
     masker = _construct("masker", get("masker", recipe.masker), options["masker"], tokenizer.spec)
     target = _construct("target", get("target", recipe.target), options["target"], tokenizer)
     names = [ref.name for ref in recipe.losses]

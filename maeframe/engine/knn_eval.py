@@ -47,18 +47,18 @@ def run_knn(prepared: Prepared) -> dict[str, Any]:
     recipe = prepared.recipe
     runtime = select_runtime(recipe.runtime)
     seed_everything(recipe.seed)
-    run_dir = Path(recipe.runtime.output_dir) / recipe.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
     bank_set = build_dataset(prepared, "train", augment=False)
     eval_set = build_dataset(prepared, "eval")
     knn = recipe.knn
+    encoder = build_encoder(prepared, runtime.device) if knn.features == "encoder" else None
+    run_dir = Path(recipe.runtime.output_dir) / recipe.name  # written only once everything is built
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
     start = time.perf_counter()
-    if knn.features == "pixels":
+    if encoder is None:
         bank, bank_labels = pixel_features(bank_set, recipe.data.batch_size)
         queries, labels = pixel_features(eval_set, recipe.data.batch_size)
     else:
-        encoder = build_encoder(prepared, runtime.device)
         tokenizer, pool = prepared.components.tokenizer, "mean" if knn.pool == "avg" else "cls"
         encode = dict(batch_size=recipe.data.batch_size, pool=pool, num_workers=recipe.data.num_workers)
         with runtime.autocast():
