@@ -245,8 +245,11 @@ def compare(paths: list[str], name: str | None = None, overrides: list[str] = ()
         pictures = sorted((variant.run_dir / "reconstructions").glob("*.png"))
         variant.last_picture = str(pictures[-1].relative_to(root)) if pictures else None
         eval_picture = root / f"eval-recon-{variant.name}.png"
+        copy = root / f"recon-{variant.name}.png"
         if pictures and not (eval_picture.is_file() and filecmp.cmp(pictures[-1], eval_picture, shallow=False)):
-            shutil.copyfile(pictures[-1], root / f"recon-{variant.name}.png")
+            shutil.copyfile(pictures[-1], copy)
+        elif copy.is_file():
+            copy.unlink()  # left by an earlier report; the eval picture shows the same now
         del trainer
         gc.collect()
     command = command or default_command(paths, name, overrides, eval_limit, knn_train_limit)
