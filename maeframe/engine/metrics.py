@@ -21,7 +21,7 @@ def topk_accuracy(scores: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) 
     for k in ks:
         if k <= scores.shape[1]:
             hit = (ranked[:, :k] == labels[:, None]).any(1)
-            out[f"top{k}"] = 100.0 * hit.float().mean().item()
+            out[f"top{k}"] = round(100.0 * hit.float().mean().item(), 4)
     return out
 
 
@@ -34,7 +34,7 @@ def confusion_matrix(predicted: Tensor, labels: Tensor, num_classes: int) -> Ten
 def per_class_accuracy(matrix: Tensor) -> list[float | None]:
     """Recall of each class in % from a confusion matrix; None for a class absent from the labels."""
     totals = matrix.sum(1)
-    return [100.0 * matrix[c, c].item() / totals[c].item() if totals[c] else None for c in range(len(matrix))]
+    return [round(100.0 * matrix[c, c].item() / totals[c].item(), 4) if totals[c] else None for c in range(len(matrix))]
 
 
 def average_precision(scores: Tensor, targets: Tensor) -> Tensor:
@@ -50,7 +50,7 @@ def average_precision(scores: Tensor, targets: Tensor) -> Tensor:
 def mean_average_precision(scores: Tensor, targets: Tensor) -> float:
     """mAP in % over the classes that have at least one positive."""
     ap = average_precision(scores, targets)
-    return 100.0 * ap[~ap.isnan()].mean().item()
+    return round(100.0 * ap[~ap.isnan()].mean().item(), 4)
 
 
 def classification_metrics(scores: Tensor, labels: Tensor, classes: list[str], multi_label: bool = False,
@@ -61,7 +61,7 @@ def classification_metrics(scores: Tensor, labels: Tensor, classes: list[str], m
         out: dict[str, Any] = {"mAP": mean_average_precision(scores, labels)}
         if details:
             ap = average_precision(scores, labels)
-            out["per_class_ap"] = {name: None if v.isnan() else 100.0 * v.item() for name, v in zip(classes, ap)}
+            out["per_class_ap"] = {name: None if v.isnan() else round(100.0 * v.item(), 4) for name, v in zip(classes, ap)}
         return out
     out = topk_accuracy(scores, labels)
     if details:
