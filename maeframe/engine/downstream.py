@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import platform
 from pathlib import Path
 from typing import Any
 
@@ -118,12 +117,6 @@ def predict(model: torch.nn.Module, tokenizer: Tokenizer, dataset: Dataset, devi
         labels.append(torch.as_tensor(label))
     model.train(was_training)
     return torch.cat(scores), torch.cat(labels)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def run_downstream(prepared: Prepared, resume: bool = False) -> dict[str, Any]:

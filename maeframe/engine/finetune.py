@@ -30,12 +30,13 @@ from ..recipe import dump_recipe
 from .augment import FinetuneAugment
 from .checkpoint import FORMAT, atomic_save, load_checkpoint
 from .data import ResumableBatchSampler, make_loader
-from .downstream import dataset_classes, device_name, load_encoder, predict, pretrained_encoder_state
+from .downstream import dataset_classes, load_encoder, predict, pretrained_encoder_state
 from .heads import Classifier
 from .metrics import classification_metrics, format_results, write_results
 from .optim import build_schedule, peak_lr
 from .rundir import MetricsLog, RunDirectory
 from .runtime import rng_state, seed_everything, select_runtime, set_rng_state
+from .window import LogWindow, device_name
 
 
 class FineTuner:
@@ -167,7 +168,7 @@ class FineTuner:
         bar = tqdm(total=stop_at, initial=self.step, disable=not recipe.runtime.progress_bar, unit="step",
                    dynamic_ncols=True, mininterval=1.0)
         last: dict[str, float] = {}
-        window = _Window()
+        window = LogWindow()
         accum = recipe.optim.accum_steps
         try:
             while self.step < stop_at:
@@ -315,24 +316,3 @@ class FineTuner:
             "init_unused_keys": self.unused_keys,
         }
         self.run_dir.write_text("run.json", json.dumps(facts, indent=2) + "\n")
-
-
-class _Window:
-    """Per-step device tensors summed between two log lines; one host sync when flushed."""
-
-    def __init__(self):
-        self.sums: dict[str, torch.Tensor] = {}
-        self.steps, self.start, self.data_wait = 0, time.perf_counter(), 0.0
-
-    def add(self, values: dict[str, torch.Tensor]) -> None:
-        for key, value in values.items():
-            self.sums[key] = self.sums.get(key, 0) + value
-        self.steps += 1
-
-    def flush(self, effective_batch: int) -> dict[str, float]:
-        metrics = {key: float(value) / self.steps for key, value in self.sums.items()}
-        elapsed = time.perf_counter() - self.start
-        metrics["img_s"] = round(self.steps * effective_batch / elapsed, 2)
-        metrics["data_wait"] = round(self.data_wait / elapsed, 4)
-        self.__init__()
-        return metrics

@@ -13,7 +13,8 @@ from .. import __version__
 from ..build import Prepared, build_dataset
 from ..model.vit import Encoder
 from ..recipe import dump_recipe
-from .downstream import dataset_classes, device_name, load_encoder, pretrained_encoder_state
+from .downstream import dataset_classes, load_encoder, pretrained_encoder_state
+from .window import device_name
 from .heads import Classifier
 from .knn import encode_dataset, knn_scores
 from .metrics import classification_metrics, format_results, write_results

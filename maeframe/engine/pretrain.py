@@ -24,6 +24,7 @@ from .rundir import MetricsLog, RunDirectory
 from .runtime import rng_state, seed_everything, select_runtime, set_rng_state
 from .step import TrainStep
 from .visualize import reconstruction_panels
+from .window import LogWindow, device_name
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -93,7 +94,7 @@ class Pretrainer:
         bar = tqdm(total=stop_at, initial=self.step, disable=not (runtime.progress_bar and self.world.is_main),
                    unit="step", dynamic_ncols=True, mininterval=1.0)
         last: dict[str, float] = {}
-        window = _Window()
+        window = LogWindow()
         accum = recipe.optim.accum_steps
         previous = {s: signal.signal(s, self._on_signal) for s in PREEMPT_SIGNALS}
         try:
@@ -224,7 +225,7 @@ class Pretrainer:
         registry = self.prepared.registry
         facts = {
             "maeframe": __version__, "torch": torch.__version__, "timm": timm.__version__,
-            "python": platform.python_version(), "device": _device_name(self.device),
+            "python": platform.python_version(), "device": device_name(self.device),
             "precision": self.runtime.precision, "world_size": self.world_size,
             "effective_batch": self.effective_batch, "peak_lr": self.lr, "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps, "dataset_size": len(self.dataset),
@@ -262,30 +263,3 @@ class Pretrainer:
         if panels is None:
             return []
         return self.components.tokenizer.save_pictures(panels.cpu(), path)
-
-
-class _Window:
-    """Sums of per-step device tensors between two log lines; one host sync when flushed."""
-
-    def __init__(self):
-        self.sums: dict[str, torch.Tensor] = {}
-        self.steps, self.start, self.data_wait = 0, time.perf_counter(), 0.0
-
-    def add(self, values: dict[str, torch.Tensor]) -> None:
-        for key, value in values.items():
-            self.sums[key] = self.sums.get(key, 0) + value
-        self.steps += 1
-
-    def flush(self, effective_batch: int) -> dict[str, float]:
-        metrics = {key: float(value) / self.steps for key, value in self.sums.items()}  # the host sync
-        elapsed = time.perf_counter() - self.start
-        metrics["img_s"] = round(self.steps * effective_batch / elapsed, 2)
-        metrics["data_wait"] = round(self.data_wait / elapsed, 4)
-        self.__init__()
-        return metrics
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
