@@ -223,7 +223,7 @@ class HfStep:
 
     label = "hf-transformers"
 
-    def __init__(self, prepared, runtime: Runtime, batch_size: int, compile_model: bool, lr: float, fused: bool):
+    def __init__(self, prepared, runtime: Runtime, compile_model: bool, lr: float, fused: bool):
         from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
         recipe = prepared.recipe
@@ -287,6 +287,16 @@ def reference_caveats(prepared) -> list[str]:
         notes.append(f"losses {[loss.name for loss in r.losses]} (HF uses one masked MSE)")
     if r.model.drop_path:
         notes.append(f"drop_path {r.model.drop_path} (HF ViTMAE has none)")
+    # any other model option away from its default is something ViTMAEConfig cannot express
+    mapped = {"embed_dim", "depth", "num_heads", "mlp_ratio", "decoder_embed_dim", "decoder_depth",
+              "decoder_num_heads", "drop_path"}
+    for name, field in type(r.model).model_fields.items():
+        value = getattr(r.model, name)
+        if name not in mapped and value != field.default and not (
+                isinstance(field.default, tuple) and tuple(value or ()) == field.default):
+            if name.startswith("decoder_window") and r.model.model_dump().get("decoder_attention") == "global":
+                continue  # window options only matter for local decoder attention
+            notes.append(f"model.{name}={value!r} (HF ViTMAE has no such option)")
     return notes
 
 
@@ -420,7 +430,7 @@ def main(argv: list[str] | None = None) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             fused = bool(impls[0].optimizer.defaults.get("fused"))  # the same AdamW kernel as maeframe's
-            impls.append(HfStep(prepared, runtime, batch_size, compile_model, impls[0].lr, fused))
+            impls.append(HfStep(prepared, runtime, compile_model, impls[0].lr, fused))
 
     print(f"device {device_name(device)} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
           f"precision {runtime.precision} | compile {compile_model} | batch {batch_size}", flush=True)
