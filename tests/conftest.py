@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from maeframe.build import prepare
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 QUICKSTART = RECIPES / "quickstart.yaml"
@@ -27,3 +29,30 @@ def tiny(output_dir: Path, *extra: str) -> list[str]:
 def _needs_fashion_mnist():
     if not FASHION_MNIST.is_file():
         pytest.exit("real Fashion-MNIST is missing: run `make data` (apt-get install dataset-fashion-mnist)", 2)
+
+
+NAN_PLUGIN = """
+import torch
+from maeframe import Loss, hookimpl
+
+class NanAtStep(Loss):
+    '''0 normally, NaN at step 3 (a stand-in for an fp overflow).'''
+    step = 0
+    def set_progress(self, step, epoch):
+        self.step = step
+    def __call__(self, prediction, target, mask):
+        zero = prediction.values.float().sum() * 0
+        return zero + (float('nan') if self.step == 3 else 0.0)
+
+@hookimpl
+def register_losses(register):
+    register("nan_at_3", NanAtStep)
+"""
+
+
+@pytest.fixture
+def nan_recipe(tmp_path, monkeypatch):
+    (tmp_path / "nan_plugin.py").write_text(NAN_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return lambda *extra: prepare(QUICKSTART, tiny(tmp_path / "out", "plugins=[nan_plugin]",
+                                                   "losses=[{name: mse}, {name: nan_at_3}]", *extra))

@@ -5,7 +5,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from collections import namedtuple
 
@@ -69,33 +68,6 @@ def test_sigterm_checkpoints_and_exits_for_requeue(tmp_path):
     assert state["step"] == len(metrics(run_dir))
     done = subprocess.run(cli(*tiny(tmp_path, "data.train.options.limit=320"), "--auto-resume"), capture_output=True)
     assert done.returncode == 0 and metrics(run_dir)[-1]["step"] == 40
-
-
-NAN_PLUGIN = """
-import torch
-from maeframe import Loss, hookimpl
-
-class NanAtStep(Loss):
-    '''0 normally, NaN at step 3 (a stand-in for an fp overflow).'''
-    step = 0
-    def set_progress(self, step, epoch):
-        self.step = step
-    def __call__(self, prediction, target, mask):
-        zero = prediction.values.float().sum() * 0
-        return zero + (float('nan') if self.step == 3 else 0.0)
-
-@hookimpl
-def register_losses(register):
-    register("nan_at_3", NanAtStep)
-"""
-
-
-@pytest.fixture
-def nan_recipe(tmp_path, monkeypatch):
-    (tmp_path / "nan_plugin.py").write_text(NAN_PLUGIN)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return lambda *extra: prepare(QUICKSTART, tiny(tmp_path / "out", "plugins=[nan_plugin]",
-                                                   "losses=[{name: mse}, {name: nan_at_3}]", *extra))
 
 
 def test_a_non_finite_step_is_skipped_and_counted(nan_recipe):

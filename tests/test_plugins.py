@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from maeframe import Masker, PluginError, RecipeError, TokenSpec, hookspecs
+from maeframe import PluginError, RecipeError, TokenSpec, hookspecs
 from maeframe.build import prepare
 from maeframe.plugins import BLOCK_ENV, make_plugin_manager, plugin_distribution
 from maeframe.registry import KINDS, Registry

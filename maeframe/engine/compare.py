@@ -212,8 +212,8 @@ def _train(variant: Variant, root: Path, resume: bool, log):
         variant.load_after = _load()
         if already_done and "load_average_before" in stored:
             variant.load_before, variant.load_after = stored["load_average_before"], stored["load_average_after"]
-        wall_file.write_text(json.dumps({"train_seconds": round(variant.train_seconds, 3),
-                                         "train_cpu_seconds": round(variant.train_cpu_seconds, 3),
+        wall_file.write_text(json.dumps({"train_seconds": variant.train_seconds,  # unrounded: a resumed
+                                         "train_cpu_seconds": variant.train_cpu_seconds,  # report rounds once
                                          "load_average_before": variant.load_before,
                                          "load_average_after": variant.load_after}) + "\n")
     variant.facts = json.loads((variant.run_dir / "run.json").read_text())
