@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from maeframe import Mask, Prediction, TargetOut, Tokenizer, Tokens, TokenSpec
+from maeframe import Mask, Prediction, TargetOut
 from maeframe.build import prepare
 from maeframe.engine.pretrain import Pretrainer
 from maeframe.plugins import make_plugin_manager
@@ -22,6 +22,7 @@ from maeframe_plugins.laplacian import LaplacianOptions, MaskedLaplacian
 from maeframe_plugins.losses import MaskedCosine, MaskedL1, MaskedSmoothL1
 from maeframe_plugins.targets import PixelOptions, PixelTarget
 from maeframe_plugins.uniformity import Uniformity
+from maeframe_plugins.video import VideoTubeOptions, VideoTubeTokenizer
 from conftest import QUICKSTART, tiny
 
 # 8×8 single-channel images in 4×4 patches: a 2×2 grid of 16-value tokens.
@@ -231,37 +232,8 @@ def test_laplacian_averages_over_hidden_pixels_only():
     assert lap_images(RGB, prediction, target, mask, within_patch=True).item() == 0.0
 
 
-class VideoTokenizer(Tokenizer):
-    """[B, C, T, H, W] <-> [B, gt·gh·gw, pt·p·q·C], each patch laid out (pt, p, q, C)."""
-
-    def __init__(self, frames=4, size=4, patch=(2, 2, 2), channels=2):
-        super().__init__(Tokenizer.Options())
-        grid = (frames // patch[0], size // patch[1], size // patch[2])
-        self._spec, self._shape = TokenSpec(grid, patch, channels), (channels, frames, size, size)
-
-    @property
-    def spec(self):
-        return self._spec
-
-    @property
-    def input_shape(self):
-        return self._shape
-
-    def tokenize(self, batch):
-        b, c = batch.shape[:2]
-        (gt, gh, gw), (pt, p, q) = self._spec.grid, self._spec.patch_size
-        x = batch.reshape(b, c, gt, pt, gh, p, gw, q).permute(0, 2, 4, 6, 3, 5, 7, 1)
-        return Tokens(x.reshape(b, gt * gh * gw, -1), batch)
-
-    def untokenize(self, patches):
-        b = patches.shape[0]
-        (gt, gh, gw), (pt, p, q), c = self._spec.grid, self._spec.patch_size, self._spec.channels
-        x = patches.reshape(b, gt, gh, gw, pt, p, q, c).permute(0, 7, 1, 4, 2, 5, 3, 6)
-        return x.reshape(b, c, gt * pt, gh * p, gw * q)
-
-
 def test_laplacian_filters_every_frame_of_a_video_separately():
-    video = VideoTokenizer()
+    video = VideoTubeTokenizer(VideoTubeOptions(num_frames=4, image_size=4, tubelet=2, patch_size=2, channels=2))
     assert torch.equal(video.untokenize(video.tokenize(torch.arange(256.0).view(2, 2, 4, 4, 4)).patches),
                        torch.arange(256.0).view(2, 2, 4, 4, 4))
     mask = hide_all(2, video.spec.num_tokens)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from safetensors.torch import save_file
 
-from maeframe import Mask, Options, RecipeError, Tokenizer, Tokens, TokenSpec
+from maeframe import Mask, RecipeError, Tokens
 from maeframe.build import prepare
 from maeframe.engine.pretrain import Pretrainer
 from maeframe.model import MaskedAutoencoder
@@ -30,6 +30,7 @@ from maeframe_plugins.feature_target import FeatureOptions, FeatureTarget
 from maeframe_plugins.frequency import FrequencyOptions, FrequencyTarget
 from maeframe_plugins.hog import HOGOptions, HOGTarget
 from maeframe_plugins.image import ImagePatchOptions, ImagePatchTokenizer
+from maeframe_plugins.video import VideoTubeOptions, VideoTubeTokenizer
 from conftest import QUICKSTART, tiny
 
 
@@ -37,34 +38,9 @@ def image_tokenizer(size, patch, channels) -> ImagePatchTokenizer:
     return ImagePatchTokenizer(ImagePatchOptions(image_size=size, patch_size=patch, channels=channels))
 
 
-class TubeTokenizer(Tokenizer):
-    """Test-only video tokenizer: [B, C, T, H, W] <-> [B, gt·gh·gw, t·p·q·C], tubelets laid out (t, p, q, C)."""
-
-    def __init__(self, frames: int, size: int, tubelet: int, patch: int, channels: int):
-        super().__init__(Options())
-        self._spec = TokenSpec(grid=(frames // tubelet, size // patch, size // patch),
-                               patch_size=(tubelet, patch, patch), channels=channels)
-        self._shape = (channels, frames, size, size)
-
-    @property
-    def spec(self) -> TokenSpec:
-        return self._spec
-
-    @property
-    def input_shape(self):
-        return self._shape
-
-    def tokenize(self, batch):
-        b, c = batch.shape[:2]
-        (gt, gh, gw), (t, p, q) = self._spec.grid, self._spec.patch_size
-        x = batch.reshape(b, c, gt, t, gh, p, gw, q).permute(0, 2, 4, 6, 3, 5, 7, 1)
-        return Tokens(x.reshape(b, gt * gh * gw, t * p * q * c), batch)
-
-    def untokenize(self, patches):
-        b = patches.shape[0]
-        (gt, gh, gw), (t, p, q), c = self._spec.grid, self._spec.patch_size, self._spec.channels
-        x = patches.reshape(b, gt, gh, gw, t, p, q, c).permute(0, 7, 1, 4, 2, 5, 3, 6)
-        return x.reshape(b, c, gt * t, gh * p, gw * q)
+def tube_tokenizer(frames: int, size: int, tubelet: int, patch: int, channels: int) -> VideoTubeTokenizer:
+    return VideoTubeTokenizer(VideoTubeOptions(num_frames=frames, image_size=size, tubelet=tubelet,
+                                               patch_size=patch, channels=channels))
 
 
 # --- HOG -------------------------------------------------------------------------------------------------
@@ -141,7 +117,7 @@ def test_hog_equals_the_loop_reference_on_images(soft, norm, bins):
 
 def test_hog_equals_the_loop_reference_on_video_tubes():
     torch.manual_seed(1)
-    tokenizer = TubeTokenizer(frames=4, size=8, tubelet=2, patch=4, channels=1)
+    tokenizer = tube_tokenizer(frames=4, size=8, tubelet=2, patch=4, channels=1)
     video = torch.rand(2, 1, 4, 8, 8)
     target = HOGTarget(HOGOptions(bins=9, cell=2), tokenizer)
     values = target(tokenizer.tokenize(video), None).values
@@ -432,7 +408,7 @@ def frequency(mode, tokenizer=None, **options):
 
 
 def test_frequency_out_dims():
-    image, tube = image_tokenizer(8, 4, 3), TubeTokenizer(frames=4, size=8, tubelet=2, patch=4, channels=3)
+    image, tube = image_tokenizer(8, 4, 3), tube_tokenizer(frames=4, size=8, tubelet=2, patch=4, channels=3)
     assert frequency("amplitude", image).out_dim == 3 * 4 * 3
     assert frequency("amplitude_phase", image).out_dim == 2 * 3 * 4 * 3
     assert frequency("lowpass", image).out_dim == frequency("highpass", image).out_dim == 48
@@ -486,7 +462,7 @@ def test_amplitude_and_phase_invert_to_the_patch():
 
 @pytest.mark.parametrize("cutoff", [0.0, 0.3, 0.5, 0.75, 1.0])
 def test_lowpass_plus_highpass_is_the_patch(cutoff):
-    tokenizer = TubeTokenizer(frames=2, size=8, tubelet=2, patch=4, channels=2)
+    tokenizer = tube_tokenizer(frames=2, size=8, tubelet=2, patch=4, channels=2)
     tokens = tokenizer.tokenize(torch.randn(2, 2, 2, 8, 8))
     low = frequency("lowpass", tokenizer, cutoff=cutoff)(tokens, None).values
     high = frequency("highpass", tokenizer, cutoff=cutoff)(tokens, None).values
@@ -505,7 +481,7 @@ def test_bands_split_a_constant_from_a_checkerboard():
 
 
 def test_tubelets_are_transformed_frame_by_frame():
-    tube = TubeTokenizer(frames=4, size=8, tubelet=2, patch=4, channels=3)
+    tube = tube_tokenizer(frames=4, size=8, tubelet=2, patch=4, channels=3)
     image = image_tokenizer(8, 4, 3)
     video = torch.randn(2, 3, 4, 8, 8)
     values = frequency("amplitude", tube)(tube.tokenize(video), None).values.view(2, 2, 4, 2, -1)  # gt, gh·gw, t
