@@ -16,7 +16,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     prepared = prepare(args.recipe, args.overrides)
     resume = args.resume
     if args.auto_resume:
-        resume = (Path(prepared.recipe.runtime.output_dir) / prepared.recipe.name / "last.pt").is_file()
+        from .engine.rundir import latest_checkpoint
+
+        resume = latest_checkpoint(Path(prepared.recipe.runtime.output_dir) / prepared.recipe.name) is not None
     if prepared.recipe.task != "pretrain":  # finetune / linprobe / knn: results.json, printed at the end
         from .engine.downstream import run_downstream
 
@@ -72,6 +74,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_checkpoint(args: argparse.Namespace) -> int:
+    """A sharded fsdp checkpoint (DCP directory) -> one file, e.g. to copy it or load it elsewhere."""
+    from .engine.checkpoint import atomic_save, load_checkpoint
+
+    source = Path(args.source)
+    if not source.is_dir():
+        print(f"error: {source} is not a DCP checkpoint directory (e.g. runs/NAME/last.dcp)", file=sys.stderr)
+        return 2
+    state = load_checkpoint(source)
+    atomic_save(state, args.output)
+    print(f"wrote {args.output}: step {state['step']}, {len(state['model'])} model tensors; it resumes, exports "
+          f"and initialises downstream runs as a last.pt does")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     """Train each recipe under the same seed, data and budget, evaluate each the same way, write a report."""
     import shlex
@@ -105,6 +122,30 @@ def cmd_audio_stats(args: argparse.Namespace) -> int:
         print(f"wrote {stats['path']} (read through data.train.options.stats_file)")
     else:
         print(f"use: data.train.options.mean={stats['mean']:.6f} data.train.options.std={stats['std']:.6f}")
+    return 0
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    """Decode a dataset's images once into uint8 memory-mappable shards (the `packed` dataset plugin)."""
+    import yaml
+
+    try:
+        from maeframe_plugins.pack import pack
+    except ImportError as err:
+        print(f"error: pack needs the built-in image plugins (maeframe_plugins.pack): {err}", file=sys.stderr)
+        return 2
+    options = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            print(f"error: --option {item!r} is not KEY=VALUE", file=sys.stderr)
+            return 2
+        options[key] = yaml.safe_load(value)
+    index = pack(args.source, args.output, args.size, args.format, args.channels, options, args.shard_size,
+                 args.workers, args.max_bad_fraction, progress=sys.stderr.isatty())
+    print(f"wrote {args.output}: {index['count']} images of {'×'.join(map(str, index['shape']))} uint8 in "
+          f"{len(index['shards'])} shards, {index['skipped_count']} unreadable skipped, {index['seconds']} s; "
+          f"train with data.train: {{name: packed, options: {{path: {args.output}}}}}")
     return 0
 
 
@@ -145,10 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="write the encoder as timm-loadable safetensors",
                             description="Export a checkpoint's encoder to safetensors in timm's ViT layout.")
-    export.add_argument("checkpoint", help="maeframe checkpoint (e.g. runs/NAME/last.pt) or official MAE .pth")
+    export.add_argument("checkpoint", help="maeframe checkpoint (e.g. runs/NAME/last.pt, or last.dcp of an fsdp "
+                                           "run) or official MAE .pth")
     export.add_argument("output", help="output .safetensors path")
     export.add_argument("--timm-name", help="timm architecture (default: inferred, e.g. vit_base_patch16_224)")
     export.set_defaults(func=cmd_export)
+
+    convert = sub.add_parser("convert-checkpoint", help="gather a sharded fsdp checkpoint into one .pt file",
+                             description="Read a DCP checkpoint directory written by runtime.strategy=fsdp "
+                                         "(runs/NAME/last.dcp) in one process and write it as one checkpoint "
+                                         "file with full tensors, the format ddp runs write (last.pt).")
+    convert.add_argument("source", help="DCP checkpoint directory, e.g. runs/NAME/last.dcp")
+    convert.add_argument("output", help="output file, e.g. runs/NAME/last.pt")
+    convert.set_defaults(func=cmd_convert_checkpoint)
 
     export_cls = sub.add_parser("export-classifier", help="write a fine-tuned classifier as TorchScript and ONNX",
                                 description="Export a finetune/linprobe checkpoint as OUT_DIR/classifier.pt "
@@ -163,6 +213,29 @@ def build_parser() -> argparse.ArgumentParser:
                             help="leave out one format (repeatable)")
     export_cls.add_argument("--atol", type=float, default=1e-4, help="max abs logit difference allowed (1e-4)")
     export_cls.set_defaults(func=cmd_export_classifier)
+
+    pack = sub.add_parser("pack", help="decode images once into uint8 shards for the `packed` dataset",
+                          description="Read every image of SOURCE through an image dataset plugin (decoding in "
+                                      "--workers processes), resize its short side to --size, centre-crop to a "
+                                      "square and write OUTPUT/shard-NNNNN.npy (uint8 [n, C, S, S], memory-"
+                                      "mappable), OUTPUT/index.json and OUTPUT/sources.txt. OUTPUT appears only "
+                                      "when complete. Unreadable images are skipped, logged and counted.")
+    pack.add_argument("source", help="dataset root: an ImageFolder tree, or the Fashion-MNIST folder")
+    pack.add_argument("output", help="new folder to write (must not exist)")
+    pack.add_argument("--size", type=int, required=True,
+                      help="stored side S; use the model's input size / 0.875 (256 for 224) so crops have room")
+    pack.add_argument("--format", default="image_folder",
+                      help="dataset plugin that reads SOURCE: image_folder (default), fashion_mnist, ...")
+    pack.add_argument("--channels", type=int, default=3, choices=[1, 3], help="stored channels (default 3)")
+    pack.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                      help="option of the source dataset plugin, e.g. split=test or limit=1000 (repeatable)")
+    pack.add_argument("--shard-size", type=int, default=4096,
+                      help="images per shard file (default 4096: ~800 MB at 3×256², 313 files for ImageNet; "
+                           "each loader process keeps one open file per shard it has read)")
+    pack.add_argument("--workers", type=int, default=0, help="decoding processes (default 0: in this process)")
+    pack.add_argument("--max-bad-fraction", type=float, default=0.01,
+                      help="fail when more than this fraction of the images is unreadable (default 0.01)")
+    pack.set_defaults(func=cmd_pack)
 
     audio_stats = sub.add_parser("audio-stats", help="fbank mean/std of a recipe's training recordings",
                                  description="Compute the mean and std of the log-mel fbank over the recordings "

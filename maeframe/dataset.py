@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from abc import abstractmethod
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -17,6 +18,11 @@ class Dataset(Component, torch.utils.data.Dataset):
     """
 
     kind = "dataset"
+    # Optional batched augmentation the engine applies after the batch reaches the device:
+    # `device_transform(batch [B, ...] as collated, generator on the batch's device) -> [B, *input_shape]`.
+    # Its randomness must come only from `generator`, which the engine seeds from (recipe seed, step,
+    # micro-batch, rank), so a resumed run draws the same augmentation. None: samples are ready as loaded.
+    device_transform: Callable[[Tensor, torch.Generator], Tensor] | None = None
 
     def __init__(self, options: Options, input_shape: tuple[int, ...], train: bool):
         Component.__init__(self, options)

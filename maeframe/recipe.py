@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError,
-                      field_validator, model_validator)
+                      ValidationInfo, field_validator, model_validator)
 
 from .errors import PluginError, RecipeError
 
@@ -44,6 +44,9 @@ class ModelConfig(Strict):
     decoder_window: tuple[int, int] = Field((4, 4), description="local attention window in tokens per grid axis")
     decoder_window_shift: tuple[int, int] | None = Field(
         None, description="shift of every other local block (null = half the window; AudioMAE uses [2, 0])")
+    activation_checkpointing: bool = Field(
+        False, description="recompute each encoder/decoder block's activations in the backward pass: far less "
+                           "activation memory (large models, big batches) for about one more forward of compute")
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelConfig:
@@ -105,6 +108,43 @@ class RuntimeConfig(Strict):
     progress_bar: bool = Field(True, description="show a progress bar on the terminal")
     threads: int | None = Field(None, gt=0, description="torch CPU threads per process (null = torch's "
                                                         "default); 1 helps on small CPUs with loader workers")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="pretraining under torchrun: ddp replicates the "
+                                                                "model on every process (checkpoint last.pt); fsdp "
+                                                                "shards parameters, gradients and AdamW state "
+                                                                "(FSDP2 fully_shard, torch>=2.6; checkpoint "
+                                                                "last.dcp/); one process runs fsdp unsharded")
+
+    @model_validator(mode="after")
+    def _fsdp_precision(self) -> RuntimeConfig:
+        if self.strategy == "fsdp" and self.precision == "fp16":
+            raise ValueError("runtime.strategy fsdp runs in bf16 or fp32: fp16's grad scaler is not shard-aware "
+                             "(set runtime.precision to bf16, fp32 or auto)")
+        return self
+
+
+class MonitorConfig(Strict):
+    """Online k-NN monitor of a pretraining run (`maeframe/engine/monitor.py`): every few epochs, the frozen
+    encoder's features of a fixed labelled subset vote as in the k-NN task; logged as monitor/knn_top1."""
+
+    knn_every_epochs: int = Field(1, gt=0, description="epochs between evaluations (the last epoch is always one)")
+    bank: int | None = Field(5000, gt=0, description="training images (no augmentation) in the feature bank: a "
+                                                     "seeded random subset, at most the dataset; null = all")
+    queries: int | None = Field(1000, gt=0, description="query images from data.eval (a seeded random subset, at "
+                                                        "most the dataset; null = all); without data.eval, "
+                                                        "training images outside the bank")
+    k: int = Field(20, gt=0, description="neighbours that vote")
+    temperature: float = Field(0.07, gt=0, description="votes are weighted exp(cosine similarity / temperature)")
+    pool: Literal["avg", "cls"] = Field("avg", description="feature: mean of the normalised patch tokens, or cls")
+    batch_size: int | None = Field(None, gt=0, description="images per encoder forward (null = data.batch_size)")
+    num_workers: int = Field(0, ge=0, description="DataLoader processes decoding the monitor's images")
+
+    @field_validator("k")
+    @classmethod
+    def _fits_in_bank(cls, k: int, info: ValidationInfo) -> int:
+        bank = info.data.get("bank")
+        if bank is not None and k > bank:
+            raise ValueError(f"{k} neighbours cannot vote from a bank of {bank} images (monitor.bank)")
+        return k
 
 
 class Recipe(Strict):
@@ -120,6 +160,7 @@ class Recipe(Strict):
     data: DataConfig
     optim: OptimConfig
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    monitor: MonitorConfig | None = Field(None, description="online k-NN accuracy during pretraining; null = off")
 
 
 # --- downstream evaluation recipes (task: finetune | linprobe | knn) --------------------------------
@@ -141,9 +182,10 @@ class EncoderConfig(Strict):
 
 
 class InitConfig(Strict):
-    format: Literal["maeframe", "official_mae", "none"] = Field(
+    format: Literal["maeframe", "official_mae", "official_videomae", "official_audiomae", "none"] = Field(
         "maeframe", description="maeframe: a maeframe checkpoint (runs/NAME/last.pt); official_mae: reference "
-                                "MAE weights (.pth); none: random initialisation (the baseline)")
+                                "MAE weights (.pth); official_videomae / official_audiomae: reference VideoMAE / "
+                                "AudioMAE weights (.pth); none: random initialisation (the baseline)")
     checkpoint: str | None = Field(None, description="path of the weights; only the encoder is used")
 
     @model_validator(mode="after")
@@ -232,6 +274,12 @@ class _DownstreamRecipe(Strict):
     data: DownstreamDataConfig
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
+    @model_validator(mode="after")
+    def _replicated(self) -> _DownstreamRecipe:
+        if self.runtime.strategy != "ddp":
+            raise ValueError("runtime.strategy: downstream runs replicate the encoder (ddp); fsdp is for pretraining")
+        return self
+
 
 class FinetuneRecipe(_DownstreamRecipe):
     task: Literal["finetune"] = Field(description="end-to-end fine-tuning of encoder + linear head")
@@ -244,8 +292,9 @@ class FinetuneRecipe(_DownstreamRecipe):
     def _consistent(self) -> FinetuneRecipe:
         if self.augment.mixes and self.data.batch_size % 2:
             raise ValueError("data.batch_size: mixup/cutmix need an even batch size")
-        if self.augment.mixes and self.head.multi_label:
-            raise ValueError("augment.mixup: mixup/cutmix are for single-label data; set mixup and cutmix to 0")
+        if self.head.multi_label and not self.augment.mixes and self.augment.label_smoothing > 0:
+            raise ValueError("augment.label_smoothing: multi-label targets are smoothed only while mixing "
+                             "(mixup > 0); set label_smoothing: 0 or enable mixup")
         if self.head.features != "encoder":
             raise ValueError("head.features: fine-tuning trains an encoder; pixels is for linprobe and knn")
         return self

@@ -10,8 +10,14 @@ T time frames (the tokenizer's `target_length`) × F mel bins. One recording bec
 4. (training, optional `roll_gain`) roll the frames circularly and add a random gain, the feature-domain
    version of AudioMAE's waveform roll + magnitude augmentation;
 5. crop to T frames (a random window for training, the start for evaluation) or pad at the end;
-6. normalise: `(x - mean) / (2 * std)` (norm `audiomae`, the default, as AudioMAE and AST) or
-   `(x - mean) / std` (norm `standard`); mean/std default to AudioMAE's AudioSet values.
+6. (training, optional `freqm` / `timem`) SpecAugment: one frequency stripe of up to `freqm` mel bins and
+   one time stripe of up to `timem` frames set to 0 (torchaudio FrequencyMasking / TimeMasking, before
+   normalisation, as AudioMAE);
+7. normalise: `(x - mean) / (2 * std)` (norm `audiomae`, the default, as AudioMAE and AST) or
+   `(x - mean) / std` (norm `standard`); mean/std default to AudioMAE's AudioSet values;
+8. (training, optional `noise`) AudioMAE's noise: add U(0, 1) · U(0, 1) / 10 and roll by -10..9 frames.
+Every random draw of steps 4-8 comes from torch's global generator, which the engine seeds per sample,
+so augmentations are reproducible from the sample's seed (and across a resume).
 
 Steps 1-3 (the expensive part) can be cached on disk (`cache_dir`). Files whose header cannot be read
 are skipped and counted at construction; files failing later raise `AudioError` for the engine's loader,
@@ -207,6 +213,12 @@ class AudioOptions(Options):
     roll_gain: bool = Field(False, description="training: roll the frames circularly by a random offset and add "
                                                "2·ln(g), g ~ Beta(10, 10) + 0.5 — AudioMAE's roll + magnitude "
                                                "augmentation applied to the log-mel features")
+    freqm: int = Field(0, ge=0, description="training: SpecAugment frequency mask, one stripe of 0..freqm-1 mel "
+                                           "bins set to 0 before normalisation (AudioMAE AudioSet: 48; 0 = off)")
+    timem: int = Field(0, ge=0, description="training: SpecAugment time mask, one stripe of 0..timem-1 frames "
+                                           "(AudioMAE AudioSet: 192 of 1024; 0 = off)")
+    noise: bool = Field(False, description="training: AudioMAE's noise augmentation after normalisation (uniform "
+                                           "noise of random scale <= 0.1, then a roll by -10..9 frames)")
     mean: float = Field(AUDIOSET_MEAN, description="normalisation mean of the log-mel values (AudioSet default)")
     std: float = Field(AUDIOSET_STD, gt=0, description="normalisation std of the log-mel values (AudioSet default)")
     norm: Literal["audiomae", "standard"] = Field("audiomae", description="audiomae: (x - mean) / (2 std) "
@@ -334,6 +346,25 @@ class AudioDataset(Dataset):
     def normalize(self, features: Tensor) -> Tensor:
         return (features - self.mean) / self.scale
 
+    def spec_augment(self, features: Tensor) -> Tensor:
+        """[T, F] log-mel -> the same with one frequency stripe (< freqm bins) and one time stripe (< timem
+        frames) set to 0: torchaudio's masks on the [1, F, T] layout they expect."""
+        import torchaudio.transforms as AT
+
+        o = self.options
+        x = features.T[None]
+        if o.freqm:
+            x = AT.FrequencyMasking(o.freqm)(x)
+        if o.timem:
+            x = AT.TimeMasking(o.timem)(x)
+        return x[0].T
+
+    def use_finetune_augment(self, rand_augment: str | None, random_erasing: float) -> None:
+        """Image augmentations do not apply to spectrograms: SpecAugment is the dataset's freqm / timem."""
+        raise ValueError(f"augment.rand_augment {rand_augment!r} / augment.random_erasing {random_erasing}: image "
+                         f"augmentations are not applied to spectrograms; set rand_augment: null and "
+                         f"random_erasing: 0, and use the audio dataset's freqm / timem (SpecAugment)")
+
     def describe(self, index: int) -> str:
         return str(self.items[index][0])
 
@@ -349,7 +380,13 @@ class AudioDataset(Dataset):
         if self.train and self.options.roll_gain:
             features = self._augment(features)
         features = fit_length(features, self.target_length, self.train, self.pad_value)
-        return self.normalize(features)[None].float(), self.items[index][1]
+        if self.train and (self.options.freqm or self.options.timem):
+            features = self.spec_augment(features)
+        features = self.normalize(features)
+        if self.train and self.options.noise:
+            features = features + torch.rand_like(features) * torch.rand(()) / 10
+            features = torch.roll(features, int(torch.randint(-10, 10, ())), dims=0)
+        return features[None].float(), self.items[index][1]
 
     def denormalize(self, batch: Tensor) -> Tensor:
         """Normalised batch -> [0, 1], log-mel `display_range` mapped linearly (for pictures)."""

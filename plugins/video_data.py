@@ -14,8 +14,18 @@ Spatial pipeline: frames are decoded with their short side resized to `short_sid
 while decoding; null keeps the native size). Training then takes one multi-scale crop for the whole clip
 (VideoMAE's GroupMultiScaleCrop: height and width picked from short side × `crop_scales`, at most
 `max_distort` scale steps apart, placed at one of 13 fixed positions), resizes it to H×W and flips the
-clip horizontally with probability 0.5 (`hflip`). Evaluation centre-crops H×W, enlarging the frames
-first only when they are smaller than that. Values are scaled to [0, 1] and normalised by `mean`/`std`.
+clip horizontally with probability 0.5 (`hflip`); `train_crop: random_resized` takes an area/aspect random
+crop instead (VideoMAE fine-tuning). Evaluation centre-crops H×W, enlarging the frames first only when they
+are smaller than that. Values are scaled to [0, 1] and normalised by `mean`/`std`.
+
+Fine-tuning (`use_finetune_augment`, called by the engine for the recipe's `augment.rand_augment` and
+`augment.random_erasing`): RandAugment with the same ops and magnitudes on every frame of a clip, and
+timm random erasing of each frame (VideoMAE), both seeded per sample.
+
+Multi-view testing: with `test_clips` K and `test_crops` S (evaluation only), sample i is a stack
+[K·S, C, T, H, W] of K clips spread evenly over the video × S crops along the long side of the frame
+(left/centre/right for 3) after the short-side resize, as VideoMAE's 5 × 3 (Kinetics) or 2 × 3 (SSv2)
+test views; the engine averages the views' scores (`views`, `view_layout`).
 
 Unreadable files (corrupt, truncated, empty, missing) raise `UnreadableVideo` naming the file; `describe(i)`
 gives the file behind item i. Skipping, logging and counting them, and stopping above
@@ -27,6 +37,7 @@ import importlib.util
 import math
 import os
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -36,6 +47,7 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 
 from maeframe import Dataset, Options, hookimpl
+from maeframe.engine.augment import build_rand_augment, python_numpy_seeded
 
 from .image_data import FASHION_MNIST_ROOT, load_fashion_mnist
 
@@ -101,6 +113,49 @@ def multiscale_crop_box(height: int, width: int, out_size: tuple[int, int], scal
     return top, left, crop_h, crop_w
 
 
+def random_resized_box(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
+                       generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
+    """(top, left, crop height, crop width) of an Inception-style random crop (torchvision's
+    RandomResizedCrop rule): area fraction uniform in `scale`, log aspect ratio uniform in `ratio`; after
+    10 misses, the largest centred crop whose aspect ratio lies in `ratio`."""
+    area = height * width
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        u = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[0])
+        aspect = math.exp(log_low + (log_high - log_low) * u[1])
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+            return top, left, h, w
+    aspect = width / height
+    if aspect < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif aspect > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def crop_offsets(size: int, out: int, crops: int) -> list[int]:
+    """Starts of `crops` windows of length `out` spread evenly over `size`: first, ..., last (one = centred)."""
+    room = max(size - out, 0)
+    if crops == 1:
+        return [room // 2]
+    return [round(k * room / (crops - 1)) for k in range(crops)]
+
+
+def eval_crop_corner(height: int, width: int, out_size: tuple[int, int], crop: int, crops: int) -> tuple[int, int]:
+    """(top, left) of spatial test view `crop` of `crops`: spread along the axis with more room (the long side
+    after a short-side resize: left, centre, right for 3 crops of a landscape frame), centred on the other."""
+    room_h, room_w = height - out_size[0], width - out_size[1]
+    if room_w >= room_h:
+        return room_h // 2, crop_offsets(width, out_size[1], crops)[crop]
+    return crop_offsets(height, out_size[0], crops)[crop], room_w // 2
+
+
 def _resize(frames: Tensor, size: tuple[int, int]) -> Tensor:
     """frames [T, C, h, w] float -> [T, C, *size], bilinear, antialiased when shrinking."""
     if tuple(frames.shape[-2:]) == tuple(size):
@@ -126,6 +181,18 @@ class VideoAugmentOptions(Options):
                                                   "(training)")
     fixed_crop_offsets: bool = Field(True, description="place training crops at 13 fixed positions (VideoMAE) "
                                                        "instead of uniformly")
+    train_crop: Literal["multiscale", "random_resized"] = Field(
+        "multiscale", description="training crop: multiscale (VideoMAE pretraining's crop_scales/max_distort) or "
+                                  "random_resized (VideoMAE fine-tuning: area rrc_scale, aspect rrc_ratio)")
+    rrc_scale: tuple[float, float] = Field((0.08, 1.0), description="random_resized: crop area range as a "
+                                                                    "fraction of the frame (VideoMAE: 0.08-1)")
+    rrc_ratio: tuple[float, float] = Field((0.75, 4 / 3), description="random_resized: aspect ratio range "
+                                                                      "(VideoMAE: 3/4-4/3)")
+    test_clips: int = Field(1, ge=1, description="evaluation: clips per video spread evenly over it, each a "
+                                                 "test view (VideoMAE: 5 on Kinetics, 2 on SSv2)")
+    test_crops: int = Field(1, ge=1, description="evaluation: spatial crops per clip along the long side "
+                                                 "(3 = left, centre, right; VideoMAE: 3); set short_side to "
+                                                 "the crop size so the crops cover the frame")
     hflip: bool = Field(True, description="flip each training clip horizontally with probability 0.5; turn off "
                                           "for direction-sensitive data such as Something-Something V2")
     clips_per_video: int = Field(1, ge=1, description="items per video: item i is video i mod N, view i div N; "
@@ -139,6 +206,56 @@ class VideoAugmentOptions(Options):
                                            "memory (per process): only for a handful of short videos")
     limit: int | None = Field(None, gt=0, description="use only the first N videos (quick runs)")
 
+    @model_validator(mode="after")
+    def _ranges(self) -> VideoAugmentOptions:
+        for field in ("rrc_scale", "rrc_ratio"):
+            low, high = getattr(self, field)
+            if not 0 < low <= high:
+                raise ValueError(f"{field} ({low}, {high}) must satisfy 0 < low <= high")
+        if self.rrc_scale[1] > 1:
+            raise ValueError(f"rrc_scale upper bound {self.rrc_scale[1]} exceeds 1 (the whole frame)")
+        return self
+
+
+class ClipAugment:
+    """Fine-tuning augmentation of one clip, as VideoMAE: timm RandAugment with the same ops and magnitudes on
+    every frame (Python's and NumPy's generators re-seeded with the clip's seed before each frame), and timm
+    random erasing (pixel mode, one box) of each frame. The seed comes from the per-sample generator."""
+
+    def __init__(self, rand_augment: str | None, random_erasing: float, height: int, width: int,
+                 mean: tuple[float, ...]):
+        from timm.data.random_erasing import RandomErasing
+
+        self.rand_augment = build_rand_augment(rand_augment, height, width, mean) if rand_augment else None
+        self.erase = (RandomErasing(random_erasing, mode="pixel", max_count=1, device="cpu")
+                      if random_erasing > 0 else None)
+
+    def frames(self, x: Tensor, seed: int) -> Tensor:
+        """[T, C, H, W] values 0..255 -> RandAugment'ed [T, C, H, W] float, the same ops on every frame."""
+        if self.rand_augment is None:
+            return x
+        from torchvision.transforms import v2
+
+        pixels = x.clamp(0, 255).round().to(torch.uint8)
+        out = []
+        for frame in pixels:
+            with python_numpy_seeded(seed):
+                out.append(v2.functional.pil_to_tensor(self.rand_augment(v2.functional.to_pil_image(frame))))
+        return torch.stack(out).float()
+
+    def erase_frames(self, clip: Tensor, seed: int) -> Tensor:
+        """Normalised [C, T, H, W] -> the same with random erasing applied to each frame [T, C, H, W]."""
+        if self.erase is None:
+            return clip
+        frames = clip.transpose(0, 1).contiguous()
+        with python_numpy_seeded(seed):
+            frames = self.erase(frames)
+        return frames.transpose(0, 1).contiguous()
+
+
+def _augment_seed(generator: torch.Generator | None) -> int:
+    return int(torch.randint(0, 2**62, (1,), generator=generator))
+
 
 class ClipTransform:
     """uint8 frames [T, h, w, C] -> normalised float clip [C, T, H, W] (training or evaluation geometry)."""
@@ -149,6 +266,7 @@ class ClipTransform:
         self.out_size = (height, width)
         self.mean = torch.tensor(options.mean).view(-1, 1, 1, 1)
         self.std = torch.tensor(options.std).view(-1, 1, 1, 1)
+        self.augment: ClipAugment | None = None      # set for fine-tuning (training only)
 
     def pre_resize(self, frames: Tensor) -> Tensor:
         """[T, C, h, w] float -> short side `short_side` (no-op when null or already there)."""
@@ -157,27 +275,37 @@ class ClipTransform:
             return frames
         return _resize(frames, short_side_size(*frames.shape[-2:], short))
 
-    def __call__(self, frames: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(self, frames: Tensor, generator: torch.Generator | None = None, crop: int = 0,
+                 crops: int = 1) -> Tensor:
+        """uint8 [T, h, w, C] -> [C, T, H, W]; evaluation takes spatial view `crop` of `crops`."""
         x = frames.permute(0, 3, 1, 2).float()                        # [T, C, h, w], 0..255
         x = self._fit_channels(x)
         x = self.pre_resize(x)
         h, w = x.shape[-2:]
+        seed = None
         if self.train:
             o = self.options
-            top, left, ch, cw = multiscale_crop_box(h, w, self.out_size, o.crop_scales, o.max_distort,
-                                                    o.fixed_crop_offsets, generator)
+            if o.train_crop == "random_resized":
+                top, left, ch, cw = random_resized_box(h, w, o.rrc_scale, o.rrc_ratio, generator)
+            else:
+                top, left, ch, cw = multiscale_crop_box(h, w, self.out_size, o.crop_scales, o.max_distort,
+                                                        o.fixed_crop_offsets, generator)
             x = _resize(x[..., top:top + ch, left:left + cw], self.out_size)
             if o.hflip and float(torch.rand(1, generator=generator)) < 0.5:
                 x = x.flip(-1)
+            if self.augment is not None:
+                seed = _augment_seed(generator)
+                x = self.augment.frames(x, seed)
         else:
             (out_h, out_w), scale = self.out_size, max(self.out_size[0] / h, self.out_size[1] / w)
             if scale > 1:   # smaller than the crop: enlarge just enough to cover it
                 h, w = max(out_h, math.ceil(h * scale - 1e-6)), max(out_w, math.ceil(w * scale - 1e-6))
                 x = _resize(x, (h, w))
-            top, left = (h - out_h) // 2, (w - out_w) // 2
+            top, left = eval_crop_corner(h, w, self.out_size, crop, crops)
             x = x[..., top:top + out_h, left:left + out_w]
         x = x.permute(1, 0, 2, 3).clamp(0, 255) / 255.0                # [C, T, H, W] in [0, 1]
-        return (x - self.mean) / self.std
+        x = (x - self.mean) / self.std
+        return self.augment.erase_frames(x, seed) if seed is not None else x
 
     def _fit_channels(self, x: Tensor) -> Tensor:
         have = x.shape[1]
@@ -218,8 +346,28 @@ class VideoFileDataset(Dataset):
             self.items = self.items[: options.limit]
         if not self.items:
             raise ValueError(f"{self.name}: no videos found")
+        if not train and options.clips_per_video > 1 and self.views > 1:
+            raise ValueError(f"{self.name}: clips_per_video {options.clips_per_video} makes each clip its own "
+                             f"evaluation item; with test_clips/test_crops the views of a video are averaged "
+                             f"instead: use one of the two (clips_per_video: 1)")
         self._cache: dict[str, Tensor] = {}
         self._sizes: dict[str, tuple[int, int]] = {}
+
+    # --- fine-tuning and multi-view testing --------------------------------------------------------------
+
+    @property
+    def views(self) -> int:
+        """Test views per evaluation sample (test_clips × test_crops); training samples are single clips."""
+        return 1 if self.train else self.options.test_clips * self.options.test_crops
+
+    @property
+    def view_layout(self) -> dict[str, int]:
+        return {"clips": self.options.test_clips, "crops": self.options.test_crops} if not self.train else {}
+
+    def use_finetune_augment(self, rand_augment: str | None, random_erasing: float) -> None:
+        """Fine-tuning: RandAugment (same ops on every frame) and per-frame random erasing on training clips."""
+        _, _, height, width = self.input_shape
+        self.transform.augment = ClipAugment(rand_augment, random_erasing, height, width, self.options.mean)
 
     def _list(self) -> list[tuple[str, int]]:
         raise NotImplementedError
@@ -247,22 +395,36 @@ class VideoFileDataset(Dataset):
         item, view = index % self.num_videos, index // self.num_videos
         seed = int(torch.randint(0, 2**62, (1,))) if self.train else 0
         try:
+            if self.views > 1:
+                return self._test_views(item), self.items[item][1]
             return self._clip(item, view, seed), self.items[item][1]
         except UnreadableVideo as err:
             raise UnreadableVideo(f"{self.items[item][0]}: {err}") from err
 
-    def _clip(self, item: int, view: int, seed: int) -> Tensor:
+    def _frames(self, item: int, view: int, views: int, generator: torch.Generator | None) -> Tensor:
+        """uint8 [T, h, w, C]: the training clip, or evaluation clip `view` of `views` spread over the video."""
         path = self.items[item][0]
-        generator = torch.Generator().manual_seed(seed) if self.train else None
         _, frames_per_clip, _, _ = self.input_shape
         o = self.options
 
         def pick(length: int) -> list[int]:
             return clip_indices(length, frames_per_clip, o.sampling_rate, train=self.train, generator=generator,
-                                view=view, views=o.clips_per_video)
+                                view=view, views=views)
 
-        frames = self._read_cached(path, pick) if o.cache else self._read(path, pick)
-        return self.transform(frames, generator)
+        return self._read_cached(path, pick) if o.cache else self._read(path, pick)
+
+    def _clip(self, item: int, view: int, seed: int) -> Tensor:
+        generator = torch.Generator().manual_seed(seed) if self.train else None
+        return self.transform(self._frames(item, view, self.options.clips_per_video, generator), generator)
+
+    def _test_views(self, item: int) -> Tensor:
+        """[test_clips · test_crops, C, T, H, W], clip-major: clip 0 crops 0..S-1, clip 1 ..."""
+        o = self.options
+        views = []
+        for clip in range(o.test_clips):
+            frames = self._frames(item, clip, o.test_clips, None)
+            views += [self.transform(frames, None, crop, o.test_crops) for crop in range(o.test_crops)]
+        return torch.stack(views)
 
     # --- decoding ----------------------------------------------------------------------------------------
 
@@ -473,6 +635,13 @@ class MovingFashionMNISTOptions(Options):
     mean: tuple[float, ...] = Field((0.0,), description="normalisation mean, one value per channel or one for all "
                                                         "(default: none)")
     std: tuple[float, ...] = Field((1.0,), description="normalisation std, one value per channel or one for all")
+    video_frames: int | None = Field(None, gt=0, description="frames rendered per video (null = the clip's T); "
+                                                             "a clip is T consecutive frames of it")
+    canvas_width: int | None = Field(None, gt=0, description="width of the rendered canvas (null = the clip's W); "
+                                                             "a clip is a W-wide window of it")
+    test_clips: int = Field(1, ge=1, description="evaluation: clips spread evenly over the video (test views)")
+    test_crops: int = Field(1, ge=1, description="evaluation: W-wide windows spread over the canvas, left to "
+                                                 "right (test views)")
 
     @model_validator(mode="after")
     def _speeds(self) -> MovingFashionMNISTOptions:
@@ -494,7 +663,11 @@ class MovingFashionMNISTDataset(Dataset):
     edges; label = the item's class. Item i of the dataset is Fashion-MNIST image i. Start position,
     direction and speed are drawn per clip: from a generator seeded by (seed, i) in evaluation (so
     clip i is always the same), from torch's global generator in training (which the engine seeds per
-    sample, so a run is reproducible while every epoch sees new motion)."""
+    sample, so a run is reproducible while every epoch sees new motion).
+
+    With `video_frames` L > T and/or `canvas_width` > W the motion is rendered on the larger video and a
+    clip is a T × H × W window of it: a random one in training, the centre one in evaluation, or with
+    `test_clips` × `test_crops` a stack [K·S, C, T, H, W] of evenly spread windows (multi-view testing)."""
 
     Options = MovingFashionMNISTOptions
     name = "moving_fashion_mnist"
@@ -504,7 +677,13 @@ class MovingFashionMNISTDataset(Dataset):
     def __init__(self, options: MovingFashionMNISTOptions, input_shape: tuple[int, ...], train: bool):
         super().__init__(options, input_shape, train)
         _check_shape(self.name, options, input_shape, single_ok=True)
-        channels, self.frames, self.height, self.width = input_shape
+        channels, self.clip_frames, self.height, self.clip_width = input_shape
+        self.frames = options.video_frames or self.clip_frames
+        self.width = options.canvas_width or self.clip_width
+        if self.frames < self.clip_frames or self.width < self.clip_width:
+            raise ValueError(f"moving_fashion_mnist: video_frames {self.frames} and canvas_width {self.width} must "
+                             f"be at least the clip's {self.clip_frames} frames and width {self.clip_width}")
+        self.augment: ClipAugment | None = None
         if self.height < ITEM_SIDE or self.width < ITEM_SIDE:
             raise ValueError(f"moving_fashion_mnist: the {self.height}×{self.width} canvas is smaller than a "
                              f"{ITEM_SIDE}×{ITEM_SIDE} Fashion-MNIST item; use image_size >= {ITEM_SIDE}")
@@ -534,14 +713,51 @@ class MovingFashionMNISTDataset(Dataset):
         cols = bounce(u[1] * room_x + speed * torch.cos(angle) * t, room_x)
         return rows.round().long(), cols.round().long()
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+    @property
+    def views(self) -> int:
+        return 1 if self.train else self.options.test_clips * self.options.test_crops
+
+    @property
+    def view_layout(self) -> dict[str, int]:
+        return {"clips": self.options.test_clips, "crops": self.options.test_crops} if not self.train else {}
+
+    def use_finetune_augment(self, rand_augment: str | None, random_erasing: float) -> None:
+        """Fine-tuning: RandAugment (same ops on every frame) and per-frame random erasing on training clips."""
+        mean = tuple(self.options.mean) * (self.input_shape[0] // len(self.options.mean))
+        self.augment = ClipAugment(rand_augment, random_erasing, self.height, self.clip_width, mean)
+
+    def render(self, index: int) -> Tensor:
+        """The whole moving item: [L, H, canvas width] in [0, 1]."""
         rows, cols = self.trajectory(index)
         item = self.images[index].float() / 255.0
         video = torch.zeros(self.frames, self.height, self.width)
         for t, (y, x) in enumerate(zip(rows.tolist(), cols.tolist())):
             video[t, y:y + ITEM_SIDE, x:x + ITEM_SIDE] = item
-        clip = video[None].expand(self.input_shape[0], -1, -1, -1)      # [C, T, H, W]
-        return (clip - self.mean) / self.std, int(self.labels[index])
+        return video
+
+    def _window(self, video: Tensor, start: int, left: int, seed: int | None = None) -> Tensor:
+        """Frames start.. and columns left.. of the video -> normalised [C, T, H, W] (augmented with `seed`)."""
+        frames = video[start:start + self.clip_frames, :, left:left + self.clip_width]
+        frames = frames[:, None].expand(-1, self.input_shape[0], -1, -1)              # [T, C, H, W]
+        if seed is not None:
+            frames = self.augment.frames(frames * 255, seed) / 255
+        clip = (frames.transpose(0, 1) - self.mean) / self.std
+        return self.augment.erase_frames(clip, seed) if seed is not None else clip
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        video = self.render(index)
+        label = int(self.labels[index])
+        o, room = self.options, self.width - self.clip_width
+        if self.train:
+            start = clip_indices(self.frames, self.clip_frames, 1, train=True)[0]
+            left = int(torch.randint(0, room + 1, (1,))) if room else 0
+            seed = int(torch.randint(0, 2**62, (1,))) if self.augment is not None else None
+            return self._window(video, start, left, seed), label
+        starts = [clip_indices(self.frames, self.clip_frames, 1, train=False, view=k, views=o.test_clips)[0]
+                  for k in range(o.test_clips)]
+        lefts = crop_offsets(self.width, self.clip_width, o.test_crops)
+        views = [self._window(video, start, left) for start in starts for left in lefts]
+        return (torch.stack(views) if len(views) > 1 else views[0]), label
 
     def denormalize(self, batch: Tensor) -> Tensor:
         mean = self.mean.view(1, -1, 1, 1, 1).to(batch.device)

@@ -17,6 +17,7 @@ TINY = [
     "optim.warmup_epochs=1", "model.embed_dim=32", "model.depth=1", "model.num_heads=2",
     "model.decoder_embed_dim=16", "model.decoder_depth=1", "model.decoder_num_heads=2",
     "runtime.progress_bar=false", "runtime.tensorboard=false", "runtime.log_interval=1",
+    "monitor=null",  # the quickstart's k-NN monitor adds metrics lines; tests/test_monitor.py turns it on
 ]
 
 

@@ -60,7 +60,7 @@ def test_task_union_picks_the_schema_and_keeps_field_paths():
     assert type(load_recipe(KNN)) is KnnRecipe
     cases = [(FINETUNE, "optim.epochz=3", "optim.epochz", "Extra inputs"),
              (FINETUNE, "task=regress", "task", "task must be one of pretrain, finetune, linprobe, knn"),
-             (FINETUNE, "init.format=official", "init.format", "'maeframe', 'official_mae' or 'none'"),
+             (FINETUNE, "init.format=official", "init.format", "'official_mae', 'official_videomae', 'official_audiomae' or 'none'"),
              (FINETUNE, "init.checkpoint=null", "init", "needs a checkpoint path"),
              (FINETUNE, "data.batch_size=15", "data.batch_size", "even batch size"),
              (FINETUNE, "augment.rand_augment=rand-m9-zz3", "augment.rand_augment", "not a timm RandAugment spec"),
@@ -285,9 +285,7 @@ def test_finetune_resume_is_exact(tmp_path, pretrained):
 
 
 def test_export_torchscript_and_onnx_match_pytorch(tmp_path, pretrained, capsys):
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
-    from maeframe.interop.export_classifier import load_classifier
+    from maeframe.interop.export_classifier import load_classifier  # onnx, onnxscript, onnxruntime: dev extra
 
     FineTuner(prepare(FINETUNE, overrides(tmp_path, pretrained, "head.init_std=0.5", "runtime.max_steps=2"))).train()
     checkpoint = tmp_path / "finetune_fmnist" / "last.pt"

@@ -27,18 +27,13 @@ from maeframe import PluginError, RecipeError, TokenSpec, hookspecs
 from maeframe.build import prepare
 from maeframe.plugins import BLOCK_ENV, make_plugin_manager, plugin_distribution
 from maeframe.registry import KINDS, Registry
+import conftest
+from conftest import QUICKSTART
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "maeframe-plugin-example"
-QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 
-# quickstart.yaml shrunk to a few CPU seconds: 64 images, 4 steps of 16, a one-block 32-wide model.
-TINY = [
-    "data.train.options.limit=64", "data.batch_size=16", "optim.epochs=1",
-    "model.depth=1", "model.embed_dim=32", "model.num_heads=2",
-    "model.decoder_embed_dim=16", "model.decoder_depth=1", "model.decoder_num_heads=2",
-    "data.num_workers=0", "runtime.progress_bar=false", "runtime.tensorboard=false", "runtime.device=cpu",
-]
+TINY = [*conftest.TINY, "optim.epochs=1", "runtime.device=cpu", "runtime.log_interval=50"]  # a few CPU seconds
 # The grid masker needs a grid divisible by its stride: 28 px / 7 px patches = a 4×4 grid.
 GRID = ["masker.name=grid", "masker.options={stride: 2}", "tokenizer.options.patch_size=7"]
 

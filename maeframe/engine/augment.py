@@ -1,4 +1,5 @@
-"""Fine-tuning augmentation on top of a dataset's own pipeline: timm RandAugment and random erasing.
+"""Fine-tuning augmentation on top of a dataset's own pipeline: timm RandAugment and random erasing, and
+batch mixing (`BatchMixup`: timm's mixup/cutmix for inputs of any rank and for multi-hot targets).
 
 The wrapped dataset yields normalised [C, H, W] images after its crop and flip (RandomResizedCrop + flip,
 as MAE fine-tuning). This wrapper undoes the normalisation, applies RandAugment on an 8-bit PIL image
@@ -18,6 +19,7 @@ import random
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from timm.data import Mixup
 from timm.data.auto_augment import rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 from torch import Tensor
@@ -34,6 +36,17 @@ def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
     if bits_to_keep <= 0:
         return Image.new(img.mode, img.size, 0)
     return ImageOps.posterize(img, bits_to_keep)
+
+
+def build_rand_augment(spec: str, height: int, width: int, mean: tuple[float, ...]):
+    """timm's RandAugment for 8-bit PIL images of height × width whose fill colour is `mean` (0..1 per channel);
+    translations up to 45% of the shorter side, posterize patched for Pillow >= 13."""
+    fill = tuple(round(255 * m) for m in mean)
+    transform = rand_augment_transform(spec, {"translate_const": int(min(height, width) * 0.45), "img_mean": fill})
+    for op in transform.ops:
+        if "Posterize" in op.name:
+            op.aug_fn = _posterize
+    return transform
 
 
 @contextlib.contextmanager
@@ -67,12 +80,7 @@ class FinetuneAugment(Dataset):
         self.std = torch.tensor(options.std, dtype=torch.float32).view(-1, 1, 1)
         self.rand_augment = None
         if config.rand_augment:
-            fill = tuple(round(255 * m) for m in options.mean)
-            self.rand_augment = rand_augment_transform(
-                config.rand_augment, {"translate_const": int(min(height, width) * 0.45), "img_mean": fill})
-            for op in self.rand_augment.ops:
-                if "Posterize" in op.name:
-                    op.aug_fn = _posterize
+            self.rand_augment = build_rand_augment(config.rand_augment, height, width, options.mean)
         self.erase = (RandomErasing(config.random_erasing, mode="pixel", max_count=1, device="cpu")
                       if config.random_erasing > 0 else None)
 
@@ -94,3 +102,18 @@ class FinetuneAugment(Dataset):
             if self.erase is not None:
                 image = self.erase(image)
         return image, label
+
+
+class BatchMixup(Mixup):
+    """timm's `Mixup` (mode "batch") for inputs [B, C, *, H, W] of rank >= 4 and for multi-hot targets.
+
+    timm's CutMix box indexes dims 2 and 3, which for a clip [B, C, T, H, W] would be (T, H). Here every
+    axis between C and (H, W) is folded into the channel axis of a view [B, C·T, H, W] that timm mixes in
+    place, so one (H, W) box is pasted on every frame (as VideoMAE), and mixup blends whole samples as
+    before. `multi_label` mixes multi-hot float targets [B, num_classes] (smoothing: y(1-s) + s/2)."""
+
+    def __call__(self, x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        x = x.contiguous()
+        planes = x.flatten(1, -3) if x.dim() > 4 else x    # a view: timm's in-place mixing writes into x
+        _, target = super().__call__(planes, target)
+        return x, target

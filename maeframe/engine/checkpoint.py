@@ -1,4 +1,7 @@
-"""Checkpoints written atomically (temp file, fsync, rename) and read with weights_only=True."""
+"""Checkpoints written atomically (temp file, fsync, rename) and read with weights_only=True.
+
+A checkpoint is one file (`last.pt`, ddp runs) or a DCP directory (`last.dcp/`, fsdp runs; see
+dcp_checkpoint.py); `load_checkpoint` reads either into the same dict."""
 from __future__ import annotations
 
 import os
@@ -8,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map_only
 
 from ..errors import MaeframeError
 
@@ -52,7 +55,13 @@ def atomic_save(obj: Any, path: str | Path) -> None:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """{"format", "step", "model": {fqn: tensor}, "optimizer", "rng", "components", "recipe", ...} from a
+    checkpoint file, or from a DCP directory gathered into full tensors in this process."""
     path = Path(path)
+    if path.is_dir():
+        from .dcp_checkpoint import read_full_dcp
+
+        return tree_map_only(torch.Tensor, lambda tensor: tensor.to(map_location), read_full_dcp(path))
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     state = torch.load(path, map_location=map_location, weights_only=True)
@@ -63,13 +72,27 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def remove_stale_temporaries(folder: Path) -> None:
-    """Delete temp files a killed process left mid-write (the checkpoints themselves are intact)."""
+    """Delete temp files and DCP temp directories a killed process left mid-write, and previous DCP
+    checkpoints set aside whose replacement is complete (the checkpoints themselves are intact)."""
+    from .dcp_checkpoint import is_complete
+
     for tmp in folder.glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
+        remove(tmp)
+    for old in folder.glob(".*.dcp.old"):
+        if is_complete(folder / old.name[1:-len(".old")]):
+            remove(old)
+
+
+def remove(path: Path) -> None:
+    """Delete a checkpoint file or DCP directory (nothing if absent)."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def prune(paths: list[Path], keep: int | None) -> None:
-    """Delete all but the `keep` newest of `paths` (sorted oldest first)."""
+    """Delete all but the `keep` newest of `paths` (files or DCP directories, sorted oldest first)."""
     if keep is not None:
         for old in paths[:-keep]:
-            old.unlink(missing_ok=True)
+            remove(old)

@@ -43,7 +43,8 @@ def init_world(device_type: str) -> World:
 
 
 def shutdown_world(world: World) -> None:
-    if world.distributed and dist.is_initialized():
+    """Leave the process group: torchrun's, or the group of one that fsdp opens in a single process."""
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -5,6 +5,9 @@ Encoder weights come from `init`:
     maeframe      a maeframe checkpoint (runs/NAME/last.pt of pretraining, or of a downstream run): its
                   "model" entry's `encoder.*` tensors;
     official_mae  reference MAE weights (`mae_pretrain_vit_base.pth`, ...), converted by maeframe.interop;
+    official_videomae / official_audiomae
+                  reference VideoMAE / AudioMAE weights (pretraining or fine-tuned), converted by
+                  maeframe.interop.official_av; a VideoMAE encoder runs with layout "videomae";
     none          random initialisation (the baseline).
 Position embeddings are fixed sin-cos buffers rebuilt from the recipe's token grid, so an encoder
 pretrained at one resolution loads at another with the same patch size.
@@ -20,8 +23,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from ..build import Prepared
-from ..errors import MaeframeError
+from ..build import Prepared, build_dataset
+from ..errors import MaeframeError, RecipeError
+from ..interop.official_av import audiomae_to_maeframe, read_reference, videomae_to_maeframe
 from ..interop.official_mae import InteropError, official_to_maeframe, read_official
 from ..recipe import EncoderConfig, HeadConfig, InitConfig
 from ..tokenizer import TokenSpec, Tokenizer
@@ -35,9 +39,17 @@ def pretrained_encoder_state(init: InitConfig, spec: TokenSpec, model: EncoderCo
     """The `encoder.*` tensors named by `init` (maeframe names and layout). With a maeframe checkpoint,
     its recorded encoder architecture and patch size must match `model` / `tokenizer_options`."""
     path = Path(init.checkpoint)
-    if not path.is_file():
+    if not (path.is_file() or (init.format == "maeframe" and path.is_dir())):  # a dir: fsdp's sharded last.dcp
         hint = " (pretrain first, e.g. `maeframe run recipes/quickstart.yaml`)" if init.format == "maeframe" else ""
         raise FileNotFoundError(f"init.checkpoint {str(path)!r} does not exist{hint}")
+    if init.format in ("official_videomae", "official_audiomae"):
+        raw = read_reference(path)
+        try:
+            if init.format == "official_videomae":
+                return videomae_to_maeframe(raw, spec.num_tokens)
+            return audiomae_to_maeframe(raw, spec.grid)
+        except InteropError as err:
+            raise InteropError(f"init.checkpoint {path}: {err}") from None
     if init.format == "maeframe":
         try:
             state = load_checkpoint(path)
@@ -55,6 +67,23 @@ def pretrained_encoder_state(init: InitConfig, spec: TokenSpec, model: EncoderCo
         except InteropError as err:
             raise InteropError(f"{path}: {err}") from None
     return {k: v for k, v in weights.items() if k.startswith("encoder.")}
+
+
+def train_set_without_device_transform(prepared: Prepared) -> Dataset:
+    """The augmented training set of a downstream recipe. Datasets whose training batches are finished on the
+    device (`device_transform`, e.g. `packed`: uint8 images cropped on the GPU) serve pretraining only."""
+    dataset = build_dataset(prepared, "train")
+    if dataset.device_transform is not None:
+        raise RecipeError([("data.train", f"dataset {prepared.recipe.data.train.name!r} augments its batches on the "
+                                          f"device, which only pretraining does; fine-tune and probe from the "
+                                          f"source images (e.g. image_folder)")])
+    return dataset
+
+
+def encoder_layout(init: InitConfig) -> str:
+    """The encoder layout the weights of `init` need: "videomae" (no cls token, VideoMAE's 1-D sinusoid
+    positions) for official VideoMAE weights, else "maeframe"."""
+    return "videomae" if init.format == "official_videomae" else "maeframe"
 
 
 def _check_recorded_architecture(recipe: dict[str, Any], path: Path, model: EncoderConfig | None,
@@ -101,19 +130,54 @@ def dataset_classes(head: HeadConfig | None, dataset: Dataset, labels: Tensor | 
     return [str(i) for i in range(count)]
 
 
+def dataset_views(dataset: Dataset) -> int:
+    """Views per evaluation sample: a dataset with `views` = V > 1 yields [V, *input_shape] per sample
+    (e.g. video clips × spatial crops); 1 otherwise."""
+    views = int(getattr(dataset, "views", 1))
+    if views < 1:
+        raise MaeframeError(f"{type(dataset).__name__}.views is {views}; it must be at least 1")
+    return views
+
+
+def merge_views(logits: Tensor, multi_label: bool = False) -> Tensor:
+    """logits [B, V, C] of V views per sample -> scores [B, C]: the mean of the views' probabilities
+    (softmax, or sigmoid when multi-label), as VideoMAE averages softmax scores over its test views,
+    returned as log-probabilities (single-label) or logits (multi-label) so that cross-entropy, top-k and
+    AP apply unchanged. One view passes its logits through as they are."""
+    if logits.shape[1] == 1:
+        return logits[:, 0]
+    if multi_label:
+        return torch.logit(logits.sigmoid().mean(1), eps=1e-7)
+    return logits.softmax(-1).mean(1).log()
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, tokenizer: Tokenizer, dataset: Dataset, device: torch.device,
-            batch_size: int, autocast=None, num_workers: int = 0) -> tuple[Tensor, Tensor]:
-    """(scores [N, C] float32 on CPU, labels) of `model` over `dataset` in order, in eval mode."""
+            batch_size: int, autocast=None, num_workers: int = 0,
+            multi_label: bool = False) -> tuple[Tensor, Tensor]:
+    """(scores [N, C] float32 on CPU, labels) of `model` over `dataset` in order, in eval mode.
+
+    A multi-view dataset (`dataset_views` V > 1) yields batches [B, V, *input_shape]: the loader takes
+    batch_size // V samples at a time, the views go through the model in chunks of at most `batch_size`
+    inputs, and `merge_views` averages their probabilities per sample."""
     was_training = model.training
     model.eval()
+    views = dataset_views(dataset)
     scores, labels = [], []
     # an explicit generator: creating the loader iterator must not consume the global RNG (exact resume)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, generator=torch.Generator())
+    loader = DataLoader(dataset, batch_size=max(1, batch_size // views), num_workers=num_workers,
+                        generator=torch.Generator())
     for batch, label in loader:
-        with autocast() if autocast is not None else contextlib.nullcontext():
-            logits = model(tokenizer.tokenize(batch.to(device, non_blocking=True)).patches)
-        scores.append(logits.float().cpu())
+        if views > 1 and tuple(batch.shape[1:]) != (views, *tokenizer.input_shape):
+            raise MaeframeError(f"{type(dataset).__name__} has {views} views per sample, so its batches must be "
+                                f"[B, {views}, {', '.join(map(str, tokenizer.input_shape))}]; got {list(batch.shape)}")
+        inputs = batch.flatten(0, 1) if views > 1 else batch            # [B·V, *input_shape]
+        logits = []
+        for chunk in inputs.split(batch_size):
+            with autocast() if autocast is not None else contextlib.nullcontext():
+                logits.append(model(tokenizer.tokenize(chunk.to(device, non_blocking=True)).patches).float().cpu())
+        logits = torch.cat(logits)
+        scores.append(merge_views(logits.view(len(batch), views, -1), multi_label))
         labels.append(torch.as_tensor(label))
     model.train(was_training)
     return torch.cat(scores), torch.cat(labels)

@@ -1,7 +1,10 @@
 """End-to-end fine-tuning (MAE's protocol): pretrained encoder + avg pooling + LayerNorm + linear head,
 AdamW with layer-wise lr decay, warmup + cosine, drop path, RandAugment, random erasing, mixup/cutmix with
-label smoothing, optional EMA, evaluation (top-1/top-5) after every epoch, best/last checkpoints and exact
-resume. `LinearProbe` (linprobe.py) reuses this loop with a frozen encoder and LARS.
+label smoothing, optional EMA, evaluation (top-1/top-5, or mAP for multi-hot labels) after every epoch,
+best/last checkpoints and exact resume. `LinearProbe` (linprobe.py) reuses this loop with a frozen encoder
+and LARS. Modality specifics stay in the dataset plugins: a training set may apply RandAugment / erasing
+itself (`use_finetune_augment`, video clips), an eval set may return several test views per sample
+(`views`, averaged by `predict`), and `BatchMixup` mixes inputs of any rank (one cutmix box per clip).
 
 The data order, per-sample augmentation and checkpoint format are those of pretraining
 (`ResumableBatchSampler`, `SeededDataset`, `atomic_save`); a resumed run continues bit for bit.
@@ -16,7 +19,6 @@ from typing import Any
 
 import timm
 import torch
-from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 from timm.utils import ModelEmaV3
@@ -27,10 +29,11 @@ from .. import __version__
 from ..build import Prepared, build_dataset
 from ..model.mae import count_parameters
 from ..recipe import dump_recipe
-from .augment import FinetuneAugment
+from .augment import BatchMixup, FinetuneAugment
 from .checkpoint import FORMAT, atomic_save, load_checkpoint
 from .data import ResumableBatchSampler, make_loader
-from .downstream import dataset_classes, load_encoder, predict, pretrained_encoder_state
+from .downstream import (dataset_classes, dataset_views, encoder_layout, load_encoder, predict,
+                         pretrained_encoder_state, train_set_without_device_transform)
 from .heads import Classifier
 from .metrics import classification_metrics, format_results, write_results
 from .optim import build_schedule, peak_lr
@@ -89,17 +92,24 @@ class FineTuner:
     # --- construction (LinearProbe overrides these) ----------------------------------------------------
 
     def build_train_set(self):
-        dataset = build_dataset(self.prepared, "train")
+        """The training dataset with RandAugment / random erasing: a dataset that has its own
+        `use_finetune_augment(rand_augment, random_erasing)` (video clips: the same ops on every frame)
+        applies them itself; any other is wrapped in the image `FinetuneAugment`."""
+        dataset = train_set_without_device_transform(self.prepared)
         augment = self.recipe.augment
-        if augment.rand_augment or augment.random_erasing > 0:
-            return FinetuneAugment(dataset, augment)
-        return dataset
+        if not (augment.rand_augment or augment.random_erasing > 0):
+            return dataset
+        own = getattr(dataset, "use_finetune_augment", None)
+        if own is not None:
+            own(augment.rand_augment, augment.random_erasing)
+            return dataset
+        return FinetuneAugment(dataset, augment)
 
     def build_model(self) -> Classifier:
         recipe = self.recipe
         head = recipe.head
         model = Classifier(self.tokenizer.spec, recipe.model, len(self.classes), head.pool, bn_head=self.bn_head,
-                           features=head.features)
+                           features=head.features, layout=encoder_layout(recipe.init))
         model.reset_parameters(head.init_std or self.default_head_std)
         self.unused_keys: list[str] = []
         if recipe.init.format != "none" and model.encoder is not None:
@@ -116,14 +126,18 @@ class FineTuner:
                                           layer_decay=optim.layer_decay)
         return torch.optim.AdamW(groups, lr=self.lr, betas=optim.betas, fused=self.device.type == "cuda")
 
-    def build_criterion(self) -> tuple[Mixup | None, nn.Module]:
-        if self.multi_label:
-            return None, nn.BCEWithLogitsLoss()
+    def build_criterion(self) -> tuple[BatchMixup | None, nn.Module]:
+        """Single-label: soft-target cross-entropy after mixup/cutmix, else (smoothed) cross-entropy.
+        Multi-label: BCE on the multi-hot targets, mixed (and smoothed) by `BatchMixup` when mixing."""
         augment = self.recipe.augment
+        mixup = None
         if augment.mixes:
-            mixup = Mixup(mixup_alpha=augment.mixup, cutmix_alpha=augment.cutmix, prob=augment.mixup_prob,
-                          switch_prob=augment.mixup_switch_prob, label_smoothing=augment.label_smoothing,
-                          num_classes=len(self.classes))
+            mixup = BatchMixup(mixup_alpha=augment.mixup, cutmix_alpha=augment.cutmix, prob=augment.mixup_prob,
+                               switch_prob=augment.mixup_switch_prob, label_smoothing=augment.label_smoothing,
+                               num_classes=len(self.classes), multi_label=self.multi_label)
+        if self.multi_label:
+            return mixup, nn.BCEWithLogitsLoss()
+        if mixup is not None:
             return mixup, SoftTargetCrossEntropy()
         if augment.label_smoothing > 0:
             return None, LabelSmoothingCrossEntropy(augment.label_smoothing)
@@ -139,7 +153,7 @@ class FineTuner:
             images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
             targets = labels.float() if self.multi_label else labels
             if self.mixup is not None:
-                images, targets = self.mixup(images, labels)
+                images, targets = self.mixup(images, targets)
             with self.runtime.autocast():
                 logits = self.step_model(self.tokenizer.tokenize(images).patches)
             loss = self.criterion(logits.float(), targets)
@@ -211,7 +225,7 @@ class FineTuner:
     def evaluate(self, model: nn.Module | None = None) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
         """Headline metrics of `model` (default: the trained model) on the eval set, plus (scores, labels)."""
         scores, labels = predict(model or self.model, self.tokenizer, self.eval_set, self.device,
-                                 self.recipe.data.batch_size, self.runtime.autocast)
+                                 self.recipe.data.batch_size, self.runtime.autocast, multi_label=self.multi_label)
         metrics = classification_metrics(scores, labels, self.classes, self.multi_label)
         if not self.multi_label:
             metrics["loss"] = nn.functional.cross_entropy(scores, labels).item()
@@ -260,14 +274,20 @@ class FineTuner:
             "complete": self.step == self.total_steps, "step": self.step,
             "epochs": round(self.step / self.steps_per_epoch, 4),
             "dataset": {"train": len(self.train_set), "eval": len(self.eval_set), "num_classes": len(self.classes)},
-            "final": final, "best": self.best, "history": self.history,
+            "eval_views": self.eval_views(), "final": final, "best": self.best, "history": self.history,
         }
         if self.ema is not None:
             ema_scores, ema_labels = predict(self.ema.module, self.tokenizer, self.eval_set, self.device,
-                                             recipe.data.batch_size, self.runtime.autocast)
+                                             recipe.data.batch_size, self.runtime.autocast,
+                                             multi_label=self.multi_label)
             results["ema"] = classification_metrics(ema_scores, ema_labels, self.classes, self.multi_label)
         results["path"] = str(write_results(self.run_dir.path, results, self.classes))
         return results
+
+    def eval_views(self) -> dict[str, Any]:
+        """The test views averaged per eval sample: their count and the dataset's own description
+        (`view_layout`, e.g. {"clips": 5, "crops": 3})."""
+        return {"views": dataset_views(self.eval_set), **dict(getattr(self.eval_set, "view_layout", {}))}
 
     # --- state -----------------------------------------------------------------------------------------
 

@@ -8,6 +8,8 @@ Names follow the pretraining model, so a checkpoint's `encoder.*` weights load a
 pool="avg" follows MAE fine-tuning: the encoder's final norm is dropped, the patch tokens are averaged and
 normalised by a new LayerNorm (`fc_norm`). pool="cls" keeps the final norm and takes the cls token.
 Position embeddings are fixed sin-cos buffers of the token grid, so another resolution is just another grid.
+layout="videomae" runs the encoder as the reference VideoMAE does (for its official weights): no cls token
+and a fixed 1-D sinusoid table over the token index instead of the per-axis sin-cos; pool must be "avg".
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from ..errors import MaeframeError
+from ..interop.official_av import videomae_positions
 from ..model.vit import Encoder, LayerNorm
 from ..recipe import EncoderConfig
 from ..tokenizer import TokenSpec
@@ -39,9 +43,14 @@ class Classifier(nn.Module):
     """
 
     def __init__(self, spec: TokenSpec, config: EncoderConfig, num_classes: int, pool: str = "avg",
-                 bn_head: bool = False, features: str = "encoder"):
+                 bn_head: bool = False, features: str = "encoder", layout: str = "maeframe"):
         super().__init__()
-        self.pool, self.features, self.depth = pool, features, config.depth
+        if layout not in ("maeframe", "videomae"):
+            raise MaeframeError(f"encoder layout {layout!r} is not one of maeframe, videomae")
+        if layout == "videomae" and (pool != "avg" or features != "encoder"):
+            raise MaeframeError("head.pool: a VideoMAE encoder (init.format: official_videomae) has no cls token; "
+                                "use pool: avg")
+        self.pool, self.features, self.depth, self.layout = pool, features, config.depth, layout
         self.encoder_frozen = False
         if features == "pixels":
             self.encoder = None
@@ -51,6 +60,9 @@ class Classifier(nn.Module):
             self.encoder = Encoder(spec.grid, spec.patch_dim, config.embed_dim, config.depth, config.num_heads,
                                    config.mlp_ratio, config.drop_path)
             width = config.embed_dim
+            if layout == "videomae":
+                self.encoder.cls_token = None            # unregisters it: VideoMAE has none
+                self.encoder.pos_embed = videomae_positions(spec.num_tokens, width)[None]
             if pool == "avg":
                 self.encoder.norm = nn.Identity()
                 self.fc_norm = LayerNorm(width)
@@ -74,7 +86,7 @@ class Classifier(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-        if self.encoder is not None:
+        if self.encoder is not None and self.encoder.cls_token is not None:
             nn.init.normal_(self.encoder.cls_token, std=0.02)
         nn.init.trunc_normal_(self.linear.weight, std=head_std)
         nn.init.zeros_(self.linear.bias)
@@ -99,6 +111,10 @@ class Classifier(nn.Module):
         if self.encoder is None:
             return patches.flatten(1)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder_frozen):
+            if self.layout == "videomae":                # every token, no cls token (VideoMAE's forward)
+                encoder = self.encoder
+                tokens = encoder.norm(encoder.blocks(encoder.patch_embed(patches) + encoder.pos_embed))
+                return self.fc_norm(tokens.mean(1))
             latent = self.encoder(patches)
             pooled = latent[:, 1:].mean(1) if self.pool == "avg" else latent[:, 0]
             return self.fc_norm(pooled)

@@ -1,6 +1,8 @@
 """Weighted k-nearest-neighbour classification on frozen encoder features (cosine, k=20, T=0.07)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -24,6 +26,17 @@ def encode_dataset(encoder: torch.nn.Module, tokenizer: Tokenizer, dataset: Data
         labels.append(torch.as_tensor(label))
     encoder.train(was_training)
     return torch.cat(features), torch.cat(labels)
+
+
+def knn_features(encoder: torch.nn.Module, tokenizer: Tokenizer, datasets: list[Dataset], device: torch.device,
+                 autocast=contextlib.nullcontext, pool: str = "avg", batch_size: int = 256,
+                 num_workers: int = 0) -> list[tuple[Tensor, Tensor]]:
+    """The k-NN protocol's features (the `knn` task and the pretraining monitor): `encode_dataset` of each
+    dataset under `autocast`, pool as recipes name it ("avg": mean of the patch tokens, "cls").
+    Returns one ([N, D] float32 features, [N] labels) pair per dataset; consumes no global RNG."""
+    encode = dict(batch_size=batch_size, pool={"avg": "mean", "cls": "cls"}[pool], num_workers=num_workers)
+    with autocast():
+        return [encode_dataset(encoder, tokenizer, dataset, device, **encode) for dataset in datasets]
 
 
 def knn_scores(train_features: Tensor, train_labels: Tensor, query_features: Tensor, k: int = 20,

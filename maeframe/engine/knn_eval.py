@@ -13,10 +13,11 @@ from .. import __version__
 from ..build import Prepared, build_dataset
 from ..model.vit import Encoder
 from ..recipe import dump_recipe
-from .downstream import dataset_classes, load_encoder, pretrained_encoder_state
+from ..errors import MaeframeError
+from .downstream import dataset_classes, dataset_views, load_encoder, pretrained_encoder_state
 from .window import device_name
 from .heads import Classifier
-from .knn import encode_dataset, knn_scores
+from .knn import knn_features, knn_scores
 from .metrics import classification_metrics, format_results, write_results
 from .runtime import seed_everything, select_runtime
 
@@ -36,6 +37,9 @@ def build_encoder(prepared: Prepared, device: torch.device) -> Encoder:
     unless that is none; frozen, in eval mode."""
     recipe = prepared.recipe
     spec = prepared.components.tokenizer.spec
+    if recipe.init.format == "official_videomae":
+        raise MaeframeError("init.format: k-NN reads the encoder's cls-token layout; official VideoMAE weights "
+                            "(no cls token) are supported by finetune and linprobe recipes")
     holder = Classifier(spec, recipe.model, num_classes=1, pool="cls")  # cls keeps the encoder's final norm
     holder.reset_parameters(head_std=0.01)
     if recipe.init.format != "none":
@@ -50,6 +54,9 @@ def run_knn(prepared: Prepared) -> dict[str, Any]:
     seed_everything(recipe.seed)
     bank_set = build_dataset(prepared, "train", augment=False)
     eval_set = build_dataset(prepared, "eval")
+    if dataset_views(eval_set) > 1:
+        raise MaeframeError(f"data.eval: k-NN compares one feature per sample; the eval set gives "
+                            f"{dataset_views(eval_set)} views per sample (set its test_clips and test_crops to 1)")
     knn = recipe.knn
     encoder = build_encoder(prepared, runtime.device) if knn.features == "encoder" else None
     run_dir = Path(recipe.runtime.output_dir) / recipe.name  # written only once everything is built
@@ -60,11 +67,9 @@ def run_knn(prepared: Prepared) -> dict[str, Any]:
         bank, bank_labels = pixel_features(bank_set, recipe.data.batch_size)
         queries, labels = pixel_features(eval_set, recipe.data.batch_size)
     else:
-        tokenizer, pool = prepared.components.tokenizer, "mean" if knn.pool == "avg" else "cls"
-        encode = dict(batch_size=recipe.data.batch_size, pool=pool, num_workers=recipe.data.num_workers)
-        with runtime.autocast():
-            bank, bank_labels = encode_dataset(encoder, tokenizer, bank_set, runtime.device, **encode)
-            queries, labels = encode_dataset(encoder, tokenizer, eval_set, runtime.device, **encode)
+        (bank, bank_labels), (queries, labels) = knn_features(
+            encoder, prepared.components.tokenizer, [bank_set, eval_set], runtime.device, runtime.autocast,
+            knn.pool, recipe.data.batch_size, recipe.data.num_workers)
     classes = dataset_classes(None, bank_set, torch.cat([bank_labels, labels]))
     scores = knn_scores(bank.float(), bank_labels, queries.float(), knn.k, knn.temperature, len(classes))
     final = classification_metrics(scores, labels, classes, details=True)

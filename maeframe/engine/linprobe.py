@@ -9,7 +9,7 @@ import torch
 from timm.optim import Lars
 from torch import nn
 
-from ..build import build_dataset
+from .downstream import train_set_without_device_transform
 from .finetune import FineTuner
 from .heads import Classifier
 
@@ -30,7 +30,7 @@ class LinearProbe(FineTuner):
     default_head_std = 0.01
 
     def build_train_set(self):
-        return build_dataset(self.prepared, "train")
+        return train_set_without_device_transform(self.prepared)
 
     def build_model(self) -> Classifier:
         model = super().build_model()

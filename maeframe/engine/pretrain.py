@@ -16,9 +16,11 @@ from ..build import Prepared, build_dataset
 from ..errors import MaeframeError
 from ..model.mae import count_parameters
 from ..recipe import dump_recipe
-from .checkpoint import FORMAT, atomic_save, load_checkpoint, prune, remove_stale_temporaries
-from .data import ResumableBatchSampler, SeededDataset, make_loader
+from .checkpoint import FORMAT, atomic_save, load_checkpoint, prune, remove, remove_stale_temporaries
+from .data import ResumableBatchSampler, SeededDataset, make_loader, sample_seed
+from .dcp_checkpoint import TENSOR_KEYS, read_run_state, save_dcp
 from .distributed import any_rank, average, barrier, init_world, shutdown_world
+from .monitor import KnnMonitor, describe as describe_monitor
 from .optim import peak_lr
 from .rundir import MetricsLog, RunDirectory
 from .runtime import rng_state, seed_everything, select_runtime, set_rng_state
@@ -70,14 +72,19 @@ class Pretrainer:
         self.lr = peak_lr(optim, self.effective_batch)
         self.engine = TrainStep(prepared, self.runtime, self.world, self.lr, self.steps_per_epoch)
         self.model, self.optimizer = self.engine.model, self.engine.optimizer
+        self.monitor = (KnnMonitor(prepared, recipe.monitor, self.device, self.runtime.autocast)
+                        if recipe.monitor is not None and self.world.is_main else None)  # only rank 0 evaluates
         self.step = 0
         self.samples_seen = self.samples_bad = 0
+        self._micro_step, self._micro = -1, 0  # micro-batch counter within a step, for device augmentation
 
-        self.run_dir = RunDirectory(Path(recipe.runtime.output_dir) / recipe.name, resume, self.world.is_main)
+        self.run_dir = RunDirectory(Path(recipe.runtime.output_dir) / recipe.name, resume, self.world.is_main,
+                                    ".dcp" if self.engine.sharded else ".pt")
         if resume:
             if self.world.is_main:
                 remove_stale_temporaries(self.run_dir.path)
-            self._restore(load_checkpoint(self.run_dir.last, self.device))
+            self._restore(self.run_dir.resume_from)
+        barrier(self.world)  # every rank has checked the run directory before rank 0 writes into it
         self._visual_data = None
         self._signal = None
 
@@ -121,8 +128,8 @@ class Pretrainer:
                                         f"{self.run_dir.last} holds it: rerun with --resume")
                 del batches
                 if self.step % self.steps_per_epoch == 0:
-                    self._end_epoch(self.step // self.steps_per_epoch, last)
-            if self.step % self.steps_per_epoch or not self.run_dir.last.is_file():
+                    self._end_epoch(self.step // self.steps_per_epoch, last, log)
+            if self.step % self.steps_per_epoch or not self.run_dir.last.exists():
                 self.save(self.run_dir.last)
             barrier(self.world)
         finally:
@@ -136,7 +143,8 @@ class Pretrainer:
         return last
 
     def _next(self, batches) -> torch.Tensor:
-        """The next micro-batch; counts unreadable samples the loader skipped and stops above the limit."""
+        """The next micro-batch on the device, after the dataset's `device_transform` if it has one; counts
+        unreadable samples the loader skipped and stops above the limit."""
         batch, _, failed = next(batches)
         self.samples_bad += int(failed.sum())
         self.samples_seen += len(batch) + int(failed.sum())
@@ -144,7 +152,16 @@ class Pretrainer:
         if self.samples_bad > limit * self.samples_seen:
             raise MaeframeError(f"{self.samples_bad} of {self.samples_seen} sample reads failed (more than "
                                 f"data.max_bad_fraction={limit}); see the warnings for their paths")
-        return batch
+        batch = batch.to(self.device, non_blocking=True)
+        transform = self.dataset.device_transform
+        if transform is None:
+            return batch
+        # one draw per micro-batch, a function of (seed, step, micro-batch, rank): exact on resume
+        self._micro = self._micro + 1 if self._micro_step == self.step else 0
+        self._micro_step = self.step
+        position = self.world.rank * self.recipe.optim.accum_steps + self._micro
+        generator = torch.Generator(self.device).manual_seed(sample_seed(self.recipe.seed, self.step, position))
+        return transform(batch, generator)
 
     def _on_signal(self, signum, frame) -> None:
         self._signal = signal.Signals(signum).name
@@ -175,10 +192,13 @@ class Pretrainer:
                                  f"runtime.nonfinite=skip")
         return metrics
 
-    def _end_epoch(self, epochs_done: int, metrics: dict[str, float]) -> None:
+    def _end_epoch(self, epochs_done: int, metrics: dict[str, float], log: MetricsLog | None = None) -> None:
         runtime = self.recipe.runtime
         final = epochs_done == self.recipe.optim.epochs
-        if self.world.is_main and (epochs_done % runtime.visualize_interval == 0 or final):
+        if self.recipe.monitor is not None and (final or epochs_done % self.recipe.monitor.knn_every_epochs == 0):
+            metrics = {**metrics, **self._monitor(epochs_done, log)}
+        pictures = self.world.is_main or self.engine.sharded  # a sharded model's forward needs every rank
+        if pictures and (epochs_done % runtime.visualize_interval == 0 or final):
             self.visualize(self.run_dir.path / "reconstructions" / f"epoch{epochs_done:04d}.png")
         self.save(self.run_dir.last)
         if epochs_done % runtime.checkpoint_interval == 0 or final:
@@ -186,6 +206,16 @@ class Pretrainer:
             if self.world.is_main:
                 prune(self.run_dir.periodic_checkpoints(), runtime.keep_checkpoints)
         self.hook.on_epoch_end(run=self, epoch=epochs_done, metrics=metrics)
+
+    def _monitor(self, epochs_done: int, log: MetricsLog | None) -> dict[str, float]:
+        """The k-NN monitor on rank 0 (the other ranks wait at a barrier): one metrics line at this step."""
+        results = self.monitor.evaluate(self.model.encoder, self.components.tokenizer) if self.monitor else {}
+        barrier(self.world)
+        if self.world.is_main:
+            if log is not None:
+                log.write(self.step, {"epoch": epochs_done, **results})
+            tqdm.write(describe_monitor(epochs_done, results))
+        return results
 
     # --- state -----------------------------------------------------------------------------------------
 
@@ -203,15 +233,30 @@ class Pretrainer:
         }
 
     def save(self, path: Path) -> None:
-        """Rank 0 writes `path` atomically; a model with non-finite weights is never written."""
+        """Write `path` atomically; a model with non-finite weights is never written. ddp: rank 0 writes one
+        file; fsdp: every rank writes its shards into the DCP directory `path`. Once `last` is written, a
+        `last` of the other format (left by a run that changed strategy) is stale and removed."""
         if not self.engine.model_is_finite():
             raise NonFiniteError(f"refusing to write {path}: the model has non-finite weights at step {self.step}")
-        if self.world.is_main:
+        if self.engine.sharded:
+            state = self.state_dict()
+            save_dcp(path, {key: state.pop(key) for key in TENSOR_KEYS}, state, self.world)
+        elif self.world.is_main:
             atomic_save(self.state_dict(), path)
+        if path == self.run_dir.last and self.world.is_main:
+            for stale in self.run_dir.stale_lasts():
+                remove(stale)
 
-    def _restore(self, state: dict) -> None:
+    def _restore(self, path: Path) -> None:
+        """Continue from a checkpoint of either format, written by any strategy and world size. Read onto the
+        CPU: RNG states must be CPU tensors, and weights and AdamW state are copied onto their devices."""
         c = self.components
-        self.engine.load_state_dict(state)
+        if path.is_dir():
+            state = read_run_state(path)
+            self.engine.load_state_dict(state, shards=path)
+        else:
+            state = load_checkpoint(path)
+            self.engine.load_state_dict(state)
         c.masker.load_state_dict(state["components"]["masker"])
         c.target.load_state_dict(state["components"]["target"])
         for i, (_, _, loss) in enumerate(c.losses):
@@ -259,6 +304,8 @@ class Pretrainer:
             mask = self.components.masker(count, self.device)
         tokens, mask, prediction = self.engine.predict(batch, mask, self.step, model=self.model)
         self.model.train(was_training)
+        if not self.world.is_main:  # fsdp: the other ranks only took part in the forward
+            return []
         panels = reconstruction_panels(self.components, self._visual_data.dataset, tokens, mask, prediction)
         if panels is None:
             return []

@@ -9,27 +9,56 @@ from pathlib import Path
 from ..errors import MaeframeError
 
 
+CHECKPOINT_SUFFIXES = (".pt", ".dcp")  # one file (ddp) or a DCP directory (fsdp)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The `last` checkpoint to resume from, in either format: the one written last when both exist
+    (a run that changed strategy), `.last.dcp.old/` when a crash interrupted the swap of `last.dcp/`."""
+    from .dcp_checkpoint import RUN_STATE, complete_dcp
+
+    run_dir = Path(run_dir)
+    found = [(path.stat().st_mtime, path) for path in [run_dir / "last.pt"] if path.is_file()]
+    sharded = complete_dcp(run_dir / "last.dcp")
+    if sharded is not None:
+        found.append(((sharded / RUN_STATE).stat().st_mtime, sharded))
+    return max(found)[1] if found else None
+
+
 class RunDirectory:
     """`<output_dir>/<name>/`. A directory that already holds a run is only reused by a resume.
-    Only the main process creates and writes it."""
+    Only the main process creates and writes it. `suffix` is the checkpoint format this run writes:
+    `.pt` (one file) or `.dcp` (a sharded directory); a resume reads either."""
 
-    def __init__(self, root: str | Path, resume: bool, is_main: bool = True):
+    def __init__(self, root: str | Path, resume: bool, is_main: bool = True, suffix: str = ".pt"):
+        if suffix not in CHECKPOINT_SUFFIXES:
+            raise ValueError(f"checkpoint suffix {suffix!r} is not one of {CHECKPOINT_SUFFIXES}")
         self.path = Path(root)
-        self.last = self.path / "last.pt"
-        if resume and not self.last.is_file():
-            raise MaeframeError(f"--resume: {self.last} does not exist")
-        if not resume and (self.last.is_file() or (self.path / "metrics.jsonl").is_file()):
+        self.suffix = suffix
+        self.last = self.path / f"last{suffix}"
+        self.resume_from = latest_checkpoint(self.path)
+        if resume and self.resume_from is None:
+            raise MaeframeError(f"--resume: {self.last} does not exist (nor a checkpoint in the other format)")
+        if not resume and (self.resume_from is not None or (self.path / "metrics.jsonl").is_file()):
             raise MaeframeError(f"{self.path} already holds a run; pass --resume to continue it, or set "
                                 f"another name (e.g. `name=other`)")
         if is_main:
             self.path.mkdir(parents=True, exist_ok=True)
 
+    def stale_lasts(self) -> list[Path]:
+        """The `last` checkpoint of the other format (and a DCP one set aside), stale once this run has
+        written its own `last`."""
+        if self.suffix == ".dcp":
+            return [self.path / "last.pt"]
+        return [self.path / "last.dcp", self.path / ".last.dcp.old"]
+
     def periodic(self, epoch: int) -> Path:
-        return self.path / f"checkpoint-epoch{epoch:04d}.pt"
+        return self.path / f"checkpoint-epoch{epoch:04d}{self.suffix}"
 
     def periodic_checkpoints(self) -> list[Path]:
-        """Periodic checkpoints, oldest first."""
-        return sorted(self.path.glob("checkpoint-epoch*.pt"))
+        """Periodic checkpoints of both formats, oldest first."""
+        found = [path for suffix in CHECKPOINT_SUFFIXES for path in self.path.glob(f"checkpoint-epoch*{suffix}")]
+        return sorted(found, key=lambda path: path.name)
 
     def write_text(self, name: str, text: str) -> None:
         tmp = self.path / f".{name}.tmp"

@@ -1,24 +1,31 @@
 """One optimizer step of masked-autoencoder training, and the state it owns.
 
-`TrainStep` holds the model (wrapped in DDP and/or compiled), AdamW, the lr schedule and the grad scaler,
-and runs: tokenize -> mask -> model -> target -> losses -> backward (accumulated) -> clip -> AdamW.
-A step with a non-finite loss or gradient norm is not applied: fused AdamW receives a device-side
-`found_inf` flag and skips the update, so no host sync is needed; the host reads the counters at the
-logging interval.
+`TrainStep` holds the model (wrapped in DDP, or sharded in place by FSDP2, and/or compiled), AdamW, the lr
+schedule and the grad scaler, and runs: tokenize -> mask -> model -> target -> losses -> backward
+(accumulated) -> clip -> AdamW. A step with a non-finite loss or gradient norm is not applied: fused AdamW
+receives a device-side `found_inf` flag and skips the update, so no host sync is needed; the host reads the
+counters at the logging interval. Under fsdp the parameters, gradients and AdamW state are DTensor shards:
+fused AdamW updates each process's shards (the 0-dim `found_inf` counts as replicated) and the gradient
+norm is the global one (an all-reduce inside `clip_grad_norm_`), so every process skips the same steps.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel
 
 from ..build import Prepared
+from ..errors import MaeframeError
 from ..masker import Mask
 from ..model import MaskedAutoencoder
 from .data import sample_seed
-from .distributed import World
+from .dcp_checkpoint import load_dcp_into
+from .distributed import World, any_rank
+from .fsdp import full_value, local_part, shard_model
 from .optim import build_optimizer, build_schedule
 from .runtime import Runtime
 
@@ -33,7 +40,13 @@ class TrainStep:
         spec = self.components.tokenizer.spec
         self.model = MaskedAutoencoder(spec, self.components.target.out_dim, recipe.model).to(self.device)
         wrapped = self.model
-        if world.distributed:
+        self.sharded = recipe.runtime.strategy == "fsdp"
+        if self.sharded:
+            if world.distributed and recipe.monitor is not None:
+                raise MaeframeError("monitor: the k-NN monitor runs the encoder on rank 0 alone, which cannot run "
+                                    "a model sharded across processes (runtime.strategy=fsdp); set monitor: null")
+            shard_model(self.model, runtime.precision, world, self.device)
+        elif world.distributed:
             ids = [world.local_rank] if self.device.type == "cuda" else None
             wrapped = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
         self.step_model = torch.compile(wrapped) if recipe.runtime.compile else wrapped
@@ -98,13 +111,15 @@ class TrainStep:
         for i, batch in enumerate(micro_batches):
             batch = batch.to(self.device, non_blocking=True)
             sync = i == accum - 1 or not isinstance(self.step_model, DistributedDataParallel)
+            if self.sharded:  # reduce-scatter gradients only after the last micro-batch
+                self.model.set_requires_gradient_sync(i == accum - 1)
             with contextlib.nullcontext() if sync else self.step_model.no_sync():
                 total, terms, *_ = self.forward_losses(batch, step=step)
                 self.scaler.scale(total / accum).backward()
             for key, value in {"loss": total, **{f"loss/{k}": v for k, v in terms.items()}}.items():
                 sums[key] = sums.get(key, 0) + value.detach().float() / accum
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad or math.inf)
+        grad_norm = full_value(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad or math.inf))
         found = ~(torch.isfinite(sums["loss"]) & torch.isfinite(grad_norm))
         if not self.runtime.uses_scaler:  # the scaler passes its own flag
             self.optimizer.found_inf = found.float()
@@ -119,16 +134,33 @@ class TrainStep:
     # --- state -----------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(), "nonfinite": self.nonfinite.cpu()}
+        """{"model": {fqn: tensor}, "optimizer": AdamW state keyed by parameter FQN, "scaler", "nonfinite"}.
+        Under fsdp the model and optimizer tensors are this process's DTensor shards (for DCP)."""
+        model, optimizer = get_state_dict(self.model, self.optimizer)
+        return {"model": model, "optimizer": optimizer, "scaler": self.scaler.state_dict(),
+                "nonfinite": self.nonfinite.cpu()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def load_state_dict(self, state: dict, shards: Path | None = None) -> None:
+        """Restore from a single-file checkpoint's dict (full tensors, resharded under fsdp), or, with
+        `shards`, the model and optimizer from that DCP directory and the rest from `state`."""
+        if shards is not None:
+            model, optimizer = get_state_dict(self.model, self.optimizer)
+            load_dcp_into(shards, {"model": model, "optimizer": optimizer})
+            set_state_dict(self.model, self.optimizer, model_state_dict=model, optim_state_dict=optimizer)
+        elif isinstance(state["optimizer"]["param_groups"][0]["params"][0], int):  # before FQN-keyed state
+            if self.sharded:
+                raise MaeframeError("this checkpoint keeps AdamW state by parameter index (maeframe before "
+                                    "fsdp); resume it once with runtime.strategy=ddp, then switch to fsdp")
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True))
         self.scaler.load_state_dict(state["scaler"])
         self.nonfinite.copy_(state.get("nonfinite", torch.zeros((), dtype=torch.long)))
 
     def model_is_finite(self) -> bool:
-        """One host sync; used before writing a checkpoint."""
-        flags = [torch.isfinite(p).all() for p in self.model.parameters()]
-        return bool(torch.stack(flags).all())
+        """One host sync; used before writing a checkpoint. Under fsdp every process checks its shards and
+        they agree with one collective (ddp replicas are identical: no collective)."""
+        finite = bool(torch.stack([torch.isfinite(local_part(p)).all() for p in self.model.parameters()]).all())
+        return not any_rank(not finite, self.world, self.device) if self.sharded else finite

@@ -20,6 +20,7 @@ import torch
 
 from ..engine.checkpoint import load_checkpoint
 from ..engine.heads import Classifier, ImageClassifier
+from ..engine.downstream import encoder_layout
 from .official_mae import InteropError
 
 
@@ -38,7 +39,7 @@ def load_classifier(checkpoint: str | Path, ema: bool = False) -> tuple[ImageCla
     tokenizer, head = prepared.components.tokenizer, recipe.head
     classes = state["classes"]
     model = Classifier(tokenizer.spec, recipe.model, len(classes), head.pool, bn_head=task == "linprobe",
-                       features=head.features)
+                       features=head.features, layout=encoder_layout(recipe.init))
     weights = state["ema"] if ema else state["model"]
     if weights is None:
         raise InteropError(f"{checkpoint}: the run kept no EMA weights")

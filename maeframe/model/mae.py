@@ -17,11 +17,11 @@ class MaskedAutoencoder(nn.Module):
         super().__init__()
         self.spec = spec
         self.encoder = Encoder(spec.grid, spec.patch_dim, config.embed_dim, config.depth, config.num_heads,
-                               config.mlp_ratio, config.drop_path)
+                               config.mlp_ratio, config.drop_path, config.activation_checkpointing)
         self.decoder = Decoder(spec.grid, config.embed_dim, out_dim, config.decoder_embed_dim,
                                config.decoder_depth, config.decoder_num_heads, config.mlp_ratio,
                                config.decoder_window if config.decoder_attention == "local" else None,
-                               config.decoder_window_shift)
+                               config.decoder_window_shift, config.activation_checkpointing)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

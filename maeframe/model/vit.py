@@ -4,6 +4,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+from timm.models import checkpoint_seq
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
@@ -16,6 +17,14 @@ LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 def gather_tokens(x: Tensor, ids: Tensor) -> Tensor:
     """x [B, N, D], ids [B, K] -> [B, K, D]."""
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def run_blocks(blocks: nn.Sequential, x: Tensor, recompute: bool) -> Tensor:
+    """x [B, L, D] through the blocks; with `recompute`, each block's activations are dropped after the
+    forward and recomputed in the backward (activation checkpointing: memory for compute)."""
+    if recompute and torch.is_grad_enabled():
+        return checkpoint_seq(blocks, x, use_reentrant=False)
+    return blocks(x)
 
 
 def make_blocks(dim: int, depth: int, heads: int, mlp_ratio: float, drop_path: float = 0.0) -> nn.Sequential:
@@ -33,9 +42,9 @@ class Encoder(nn.Module):
     """
 
     def __init__(self, grid: tuple[int, ...], patch_dim: int, embed_dim: int, depth: int, num_heads: int,
-                 mlp_ratio: float = 4.0, drop_path: float = 0.0):
+                 mlp_ratio: float = 4.0, drop_path: float = 0.0, recompute: bool = False):
         super().__init__()
-        self.grid = tuple(grid)
+        self.grid, self.recompute = tuple(grid), recompute
         self.embed_dim = embed_dim
         self.patch_embed = nn.Linear(patch_dim, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -50,7 +59,7 @@ class Encoder(nn.Module):
             patches, pos = gather_tokens(patches, ids_keep), gather_tokens(pos, ids_keep)
         x = self.patch_embed(patches) + pos
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.norm(self.blocks(x))
+        return self.norm(run_blocks(self.blocks, x, self.recompute))
 
 
 class Decoder(nn.Module):
@@ -58,9 +67,11 @@ class Decoder(nn.Module):
 
     def __init__(self, grid: tuple[int, ...], encoder_dim: int, out_dim: int, embed_dim: int, depth: int,
                  num_heads: int, mlp_ratio: float = 4.0, window: tuple[int, int] | None = None,
-                 window_shift: tuple[int, int] | None = None):
-        """window: None = global attention; (wt, wf) = local shifted-window attention on a 2-D grid."""
+                 window_shift: tuple[int, int] | None = None, recompute: bool = False):
+        """window: None = global attention; (wt, wf) = local shifted-window attention on a 2-D grid.
+        recompute: activation checkpointing of the blocks."""
         super().__init__()
+        self.recompute = recompute
         self.embed = nn.Linear(encoder_dim, embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.register_buffer("pos_embed", sincos_pos_embed(tuple(grid), embed_dim)[None], persistent=False)
@@ -79,5 +90,5 @@ class Decoder(nn.Module):
         hidden = ids_restore.shape[1] - visible.shape[1]
         x = torch.cat([visible, self.mask_token.expand(x.shape[0], hidden, -1)], dim=1)
         x = gather_tokens(x, ids_restore) + self.pos_embed
-        x = self.norm(self.blocks(torch.cat([cls, x], dim=1)))
+        x = self.norm(run_blocks(self.blocks, torch.cat([cls, x], dim=1), self.recompute))
         return self.head(x[:, 1:])
