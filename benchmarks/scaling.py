@@ -98,26 +98,34 @@ def speedups(rows: list[dict]) -> dict[str, dict]:
 
 
 def plot(report: dict, path: Path) -> None:
+    """Left: step time vs mask ratio per size (and the encoder's share of it by FLOPs). Right: GFLOP per image
+    of the encoder at mask 0 and at the reference ratio, and of the decoder, per size."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = report["rows"]
+    rows, ref = report["rows"], report["reference_ratio"]
+    sizes = list(dict.fromkeys(r["size"] for r in rows))
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for size in dict.fromkeys(r["size"] for r in rows):
+    width = 0.8 / 3
+    for i, size in enumerate(sizes):
         mine = sorted((r for r in rows if r["size"] == size), key=lambda r: r["mask_ratio"])
         ratios = [r["mask_ratio"] for r in mine]
-        line, = left.plot(ratios, [r["step_ms_min"] for r in mine], "o-", label=f"ViT-{size[0].upper()} step time")
+        line, = left.plot(ratios, [r["step_ms_min"] for r in mine], "o-", label=f"ViT-{size[0].upper()} step")
         left.plot(ratios, [r["step_ms_min"] * r["gflop_per_img"]["encoder"] / r["gflop_per_img"]["total"] for r in mine],
-                  "s:", color=line.get_color(), alpha=0.6, label=f"ViT-{size[0].upper()} encoder share (by FLOPs)")
+                  "s:", color=line.get_color(), alpha=0.6, label=f"ViT-{size[0].upper()} encoder's share (by FLOPs)")
         at = {r["mask_ratio"]: r["gflop_per_img"] for r in mine}
-        if 0.0 in at and report["reference_ratio"] in at:
-            labels = [f"{size}\nenc, mask 0", f"{size}\nenc, mask {report['reference_ratio']}", f"{size}\ndecoder"]
-            right.bar(labels, [at[0.0]["encoder"], at[report["reference_ratio"]]["encoder"],
-                               at[report["reference_ratio"]]["decoder"]], color=line.get_color())
+        if 0.0 in at and ref in at:
+            values = [at[0.0]["encoder"], at[ref]["encoder"], at[ref]["decoder"]]
+            for j, (value, hatch) in enumerate(zip(values, ["", "//", ".."])):
+                right.bar(i + (j - 1) * width, value, width, color=line.get_color(), hatch=hatch, edgecolor="black")
+    for hatch, label in zip(["", "//", ".."], ["encoder, mask 0", f"encoder, mask {ref}", "decoder (8 × 512)"]):
+        right.bar(0, 0, 0, color="white", hatch=hatch, edgecolor="black", label=label)
+    right.set_xticks(range(len(sizes)), [f"ViT-{s[0].upper()}" for s in sizes])
     left.set(xlabel="mask ratio", ylabel="step time (ms, min)", title=f"{report['device']}, batch {report['batch_size']}")
     left.legend(fontsize=7)
     right.set(ylabel="GFLOP / image (fwd + bwd)", title="where the FLOPs go")
+    right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
