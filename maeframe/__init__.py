@@ -10,11 +10,11 @@ from .hookspecs import hookimpl
 from .loss import Loss, Prediction, masked_mean
 from .masker import Mask, Masker, visible_count
 from .target import Target, TargetOut
-from .tokenizer import Tokenizer, Tokens, TokenSpec
+from .tokenizer import Tokenizer, Tokens, TokenSpec, as_pair
 
 __version__ = "0.1.0"
 __all__ = [
     "Component", "Options", "Dataset", "Loss", "Prediction", "masked_mean", "Mask", "Masker", "visible_count",
-    "Target", "TargetOut", "Tokenizer", "Tokens", "TokenSpec", "hookimpl", "MaeframeError", "PluginError",
+    "Target", "TargetOut", "Tokenizer", "Tokens", "TokenSpec", "as_pair", "hookimpl", "MaeframeError", "PluginError",
     "RecipeError",
 ]

@@ -11,6 +11,11 @@ from torch import Tensor
 from .component import Component
 
 
+def as_pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """An option given as one int (square) or as two: (height, width), (time, frequency), ..."""
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
 @dataclass(frozen=True)
 class TokenSpec:
     """The token grid a tokenizer produces; maskers, targets and the model read it, never re-derive it.

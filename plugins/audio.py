@@ -15,7 +15,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from maeframe import Options, Tokenizer, Tokens, TokenSpec, hookimpl
+from maeframe import Options, Tokenizer, Tokens, TokenSpec, as_pair, hookimpl
 
 from .audio_data import DISPLAY_RANGE
 
@@ -41,8 +41,7 @@ class SpectrogramOptions(Options):
 
     @property
     def pt_pf(self) -> tuple[int, int]:
-        size = self.patch_size
-        return (size, size) if isinstance(size, int) else tuple(size)
+        return as_pair(self.patch_size)
 
     @model_validator(mode="after")
     def _patch_divides_input(self) -> SpectrogramOptions:

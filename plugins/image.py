@@ -4,7 +4,7 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from maeframe import Options, Tokenizer, Tokens, TokenSpec, hookimpl
+from maeframe import Options, Tokenizer, Tokens, TokenSpec, as_pair, hookimpl
 
 
 class ImagePatchOptions(Options):
@@ -14,13 +14,11 @@ class ImagePatchOptions(Options):
 
     @property
     def hw(self) -> tuple[int, int]:
-        size = self.image_size
-        return (size, size) if isinstance(size, int) else tuple(size)
+        return as_pair(self.image_size)
 
     @property
     def pq(self) -> tuple[int, int]:
-        size = self.patch_size
-        return (size, size) if isinstance(size, int) else tuple(size)
+        return as_pair(self.patch_size)
 
     @model_validator(mode="after")
     def _patch_divides_image(self) -> ImagePatchOptions:

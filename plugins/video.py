@@ -16,14 +16,10 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from maeframe import Options, Tokenizer, Tokens, TokenSpec, hookimpl
+from maeframe import Options, Tokenizer, Tokens, TokenSpec, as_pair, hookimpl
 
 MIN_SIDE = 112          # frames smaller than this are enlarged (nearest neighbour) in the pictures
 GIF_FRAME_MS = 250      # display time of one frame in the GIF
-
-
-def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else tuple(value)
 
 
 class VideoTubeOptions(Options):
@@ -36,11 +32,11 @@ class VideoTubeOptions(Options):
 
     @property
     def hw(self) -> tuple[int, int]:
-        return _pair(self.image_size)
+        return as_pair(self.image_size)
 
     @property
     def pq(self) -> tuple[int, int]:
-        return _pair(self.patch_size)
+        return as_pair(self.patch_size)
 
     @model_validator(mode="after")
     def _tubelets_divide_clip(self) -> VideoTubeOptions:
