@@ -1,6 +1,8 @@
 """Downstream evaluation: fine-tuning, linear probing and k-NN recipes on real Fashion-MNIST (tiny sizes),
 their metrics and results.json, exact resume, and the TorchScript/ONNX classifier export."""
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -19,7 +21,8 @@ from maeframe.engine.linprobe import LinearProbe
 from maeframe.engine.metrics import (average_precision, confusion_matrix, mean_average_precision,
                                      per_class_accuracy, topk_accuracy)
 from maeframe.engine.pretrain import Pretrainer
-from maeframe.errors import RecipeError
+from maeframe.engine.loop import Preempted
+from maeframe.errors import MaeframeError, RecipeError
 from maeframe.interop import maeframe_to_official
 from maeframe.model.pos_embed import sincos_pos_embed
 from maeframe.recipe import (AugmentConfig, EncoderConfig, FinetuneRecipe, KnnRecipe, LinprobeRecipe, Recipe,
@@ -282,6 +285,41 @@ def test_finetune_resume_is_exact(tmp_path, pretrained):
         assert torch.equal(value, resumed.model.state_dict()[key]), key
     for key, value in straight.ema.module.state_dict().items():
         assert torch.equal(value, resumed.ema.module.state_dict()[key]), key
+
+
+def test_finetune_preemption_writes_last_and_resumes_exactly(tmp_path, pretrained, monkeypatch):
+    """SIGTERM during step 3 (as a scheduler sends it): last.pt at the step boundary, exit code 75 through
+    `Preempted`, and the resumed run equals an uninterrupted one."""
+    def run(folder, resume=False):
+        return FineTuner(prepare(FINETUNE, overrides(tmp_path / folder, pretrained)), resume=resume)
+
+    straight = run("a").train()
+    real_step = FineTuner._optimizer_step
+
+    def step_then_signal(self, micro):
+        out = real_step(self, micro)
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(FineTuner, "_optimizer_step", step_then_signal)
+    with pytest.raises(Preempted, match="stopped by signal SIGTERM at step 3") as stopped:
+        run("b").train()
+    assert stopped.value.exit_code == 75 and load_checkpoint(tmp_path / "b" / "finetune_fmnist" / "last.pt")["step"] == 3
+    monkeypatch.undo()
+    assert run("b", resume=True).train()["final"] == straight["final"]
+
+
+def test_finetune_counts_unreadable_samples(tmp_path, pretrained, monkeypatch):
+    real = SeededDataset.__getitem__
+    monkeypatch.setattr(SeededDataset, "__getitem__",  # every sample reports one failed read before it
+                        lambda self, item: (*real(self, item)[:2], 1))
+    with pytest.raises(MaeframeError, match="sample reads failed .*data.max_bad_fraction=0.01"):
+        FineTuner(prepare(FINETUNE, overrides(tmp_path / "a", pretrained))).train()
+    trainer = FineTuner(prepare(FINETUNE, overrides(tmp_path / "b", pretrained, "data.max_bad_fraction=0.6")))
+    trainer.train()
+    lines = [json.loads(line) for line in (tmp_path / "b" / "finetune_fmnist" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["bad_samples"] for line in lines if "loss" in line][:2] == [16, 32]
 
 
 def test_export_torchscript_and_onnx_match_pytorch(tmp_path, pretrained, capsys):

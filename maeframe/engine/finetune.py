@@ -35,6 +35,7 @@ from .data import ResumableBatchSampler, make_loader
 from .downstream import (dataset_classes, dataset_views, encoder_layout, load_encoder, predict,
                          pretrained_encoder_state, train_set_without_device_transform)
 from .heads import Classifier
+from .loop import Preempted, PreemptionSignals, SampleCount
 from .metrics import classification_metrics, format_results, write_results
 from .optim import build_schedule, peak_lr
 from .rundir import MetricsLog, RunDirectory
@@ -81,13 +82,15 @@ class FineTuner:
         ema = getattr(recipe, "ema", None)
         self.ema = ModelEmaV3(self.model, decay=ema.decay) if ema is not None else None
         self.step = 0
+        self.samples = SampleCount(data.max_bad_fraction)
+        self.signals = PreemptionSignals()
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
         self._last_eval: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
         self.run_dir = RunDirectory(Path(recipe.runtime.output_dir) / recipe.name, resume)
         if resume:
-            self._restore(load_checkpoint(self.run_dir.last, self.device))
+            self._restore(load_checkpoint(self.run_dir.last))  # onto the CPU: RNG states must stay there
 
     # --- construction (LinearProbe overrides these) ----------------------------------------------------
 
@@ -149,7 +152,7 @@ class FineTuner:
         self.schedule.step_update(self.step)
         accum = len(micro_batches)
         total = torch.zeros((), device=self.device)
-        for images, labels, *_ in micro_batches:  # SeededDataset may add a count of skipped samples
+        for images, labels in micro_batches:
             images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
             targets = labels.float() if self.multi_label else labels
             if self.mixup is not None:
@@ -172,6 +175,13 @@ class FineTuner:
 
     # --- the loop ------------------------------------------------------------------------------------
 
+    def _next(self, batches) -> tuple:
+        """The next micro-batch (images, labels); counts unreadable samples the loader skipped and stops
+        above data.max_bad_fraction."""
+        images, labels, failed = next(batches)
+        self.samples.add(len(images), failed)
+        return images, labels
+
     def train(self) -> dict[str, Any]:
         recipe = self.recipe
         max_steps = recipe.runtime.max_steps
@@ -184,6 +194,7 @@ class FineTuner:
         last: dict[str, float] = {}
         window = LogWindow()
         accum = recipe.optim.accum_steps
+        self.signals.install()
         try:
             while self.step < stop_at:
                 epoch = self.step // self.steps_per_epoch
@@ -192,13 +203,17 @@ class FineTuner:
                 epoch_end = min((epoch + 1) * self.steps_per_epoch, stop_at)
                 while self.step < epoch_end:
                     waited = time.perf_counter()
-                    micro = [next(batches) for _ in range(accum)]
+                    micro = [self._next(batches) for _ in range(accum)]
                     window.data_wait += time.perf_counter() - waited
                     window.add(self._optimizer_step(micro))
                     self.step += 1
                     bar.update(1)
                     if self.step % recipe.runtime.log_interval == 0 or self.step == stop_at:
                         last = self._log(window.flush(self.effective_batch), log, bar)
+                    if self.signals.received is not None:
+                        self.save(self.run_dir.last)
+                        raise Preempted(f"stopped by signal {self.signals.received} at step {self.step}; "
+                                        f"{self.run_dir.last} holds it: rerun with --resume")
                 del batches
                 if self.step % self.steps_per_epoch == 0:
                     self._end_epoch(self.step // self.steps_per_epoch, log)
@@ -206,6 +221,7 @@ class FineTuner:
                 self.save(self.run_dir.last)
             results = self.results()
         finally:
+            self.signals.restore()
             bar.close()
             log.close()
         self.hook.on_train_end(run=self, metrics=last)
@@ -215,6 +231,7 @@ class FineTuner:
     def _log(self, metrics: dict[str, float], log: MetricsLog, bar: tqdm) -> dict[str, float]:
         metrics["lr"] = max(group["lr"] for group in self.optimizer.param_groups)
         metrics["epoch"] = round(self.step / self.steps_per_epoch, 4)
+        metrics["bad_samples"] = self.samples.bad
         if self.device.type == "cuda":
             metrics["max_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         log.write(self.step, metrics)
@@ -301,6 +318,7 @@ class FineTuner:
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
             "rng": rng_state(),
+            "samples": self.samples.state_dict(),
             "history": self.history,
             "best": self.best,
             "classes": self.classes,
@@ -321,6 +339,7 @@ class FineTuner:
             self.ema.module.load_state_dict(state["ema"])
         self.step = state["step"]
         self.history, self.best = state["history"], state["best"]
+        self.samples.load_state_dict(state.get("samples"))
         set_rng_state(state["rng"])
 
     def _write_run_files(self) -> None:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import platform
-import signal
 import time
 from pathlib import Path
 
@@ -22,20 +21,12 @@ from .dcp_checkpoint import TENSOR_KEYS, read_run_state, save_dcp
 from .distributed import any_rank, average, barrier, init_world, shutdown_world
 from .monitor import KnnMonitor, describe as describe_monitor
 from .optim import peak_lr
+from .loop import Preempted, PreemptionSignals, SampleCount
 from .rundir import MetricsLog, RunDirectory
 from .runtime import rng_state, seed_everything, select_runtime, set_rng_state
 from .step import TrainStep
 from .visualize import reconstruction_panels
 from .window import LogWindow, device_name
-
-PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-class Preempted(MaeframeError):
-    """SIGTERM/SIGUSR1 arrived; last.pt was written at a step boundary. Exit code 75: requeue and resume."""
-
-    exit_code = 75
-
 
 class NonFiniteError(MaeframeError):
     """A step had a non-finite loss or gradient (it was not applied) and the recipe says stop."""
@@ -75,7 +66,7 @@ class Pretrainer:
         self.monitor = (KnnMonitor(prepared, recipe.monitor, self.device, self.runtime.autocast)
                         if recipe.monitor is not None and self.world.is_main else None)  # only rank 0 evaluates
         self.step = 0
-        self.samples_seen = self.samples_bad = 0
+        self.samples = SampleCount(recipe.data.max_bad_fraction)
         self._micro_step, self._micro = -1, 0  # micro-batch counter within a step, for device augmentation
 
         self.run_dir = RunDirectory(Path(recipe.runtime.output_dir) / recipe.name, resume, self.world.is_main,
@@ -86,7 +77,7 @@ class Pretrainer:
             self._restore(self.run_dir.resume_from)
         barrier(self.world)  # every rank has checked the run directory before rank 0 writes into it
         self._visual_data = None
-        self._signal = None
+        self.signals = PreemptionSignals()
 
     # --- the loop ------------------------------------------------------------------------------------
 
@@ -103,7 +94,7 @@ class Pretrainer:
         last: dict[str, float] = {}
         window = LogWindow()
         accum = recipe.optim.accum_steps
-        previous = {s: signal.signal(s, self._on_signal) for s in PREEMPT_SIGNALS}
+        self.signals.install()
         try:
             while self.step < stop_at:
                 epoch = self.step // self.steps_per_epoch
@@ -124,7 +115,7 @@ class Pretrainer:
                         self.save(self.run_dir.last)
                     if self._preempted(every_step=not self.world.distributed or at_log):
                         self.save(self.run_dir.last)
-                        raise Preempted(f"stopped by signal {self._signal} at step {self.step}; "
+                        raise Preempted(f"stopped by signal {self.signals.received} at step {self.step}; "
                                         f"{self.run_dir.last} holds it: rerun with --resume")
                 del batches
                 if self.step % self.steps_per_epoch == 0:
@@ -133,8 +124,7 @@ class Pretrainer:
                 self.save(self.run_dir.last)
             barrier(self.world)
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            self.signals.restore()
             bar.close()
             if log is not None:
                 log.close()
@@ -146,12 +136,7 @@ class Pretrainer:
         """The next micro-batch on the device, after the dataset's `device_transform` if it has one; counts
         unreadable samples the loader skipped and stops above the limit."""
         batch, _, failed = next(batches)
-        self.samples_bad += int(failed.sum())
-        self.samples_seen += len(batch) + int(failed.sum())
-        limit = self.recipe.data.max_bad_fraction
-        if self.samples_bad > limit * self.samples_seen:
-            raise MaeframeError(f"{self.samples_bad} of {self.samples_seen} sample reads failed (more than "
-                                f"data.max_bad_fraction={limit}); see the warnings for their paths")
+        self.samples.add(len(batch), failed)
         batch = batch.to(self.device, non_blocking=True)
         transform = self.dataset.device_transform
         if transform is None:
@@ -163,19 +148,16 @@ class Pretrainer:
         generator = torch.Generator(self.device).manual_seed(sample_seed(self.recipe.seed, self.step, position))
         return transform(batch, generator)
 
-    def _on_signal(self, signum, frame) -> None:
-        self._signal = signal.Signals(signum).name
-
     def _preempted(self, every_step: bool) -> bool:
         """Ranks agree on stopping only at logging steps (one collective), a single process every step."""
-        return every_step and any_rank(self._signal is not None, self.world, self.device)
+        return every_step and any_rank(self.signals.received is not None, self.world, self.device)
 
     def _log(self, metrics: dict[str, float], log: MetricsLog | None, bar: tqdm) -> dict[str, float]:
         metrics = average(metrics, self.world, self.device)
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         metrics["epoch"] = round(self.step / self.steps_per_epoch, 4)
         metrics["nonfinite_steps"] = int(self.engine.nonfinite)
-        metrics["bad_samples"] = self.samples_bad
+        metrics["bad_samples"] = self.samples.bad
         for component in self.components.all():
             metrics.update({f"{component.kind}/{key}": value for key, value in component.metrics().items()})
         if self.device.type == "cuda":
@@ -225,7 +207,7 @@ class Pretrainer:
             "format": FORMAT,
             "step": self.step,
             **self.engine.state_dict(),
-            "samples": torch.tensor([self.samples_seen, self.samples_bad]),
+            "samples": self.samples.state_dict(),
             "rng": rng_state(),
             "components": {"masker": c.masker.state_dict(), "target": c.target.state_dict(),
                            **{f"loss.{i}": loss.state_dict() for i, (_, _, loss) in enumerate(c.losses)}},
@@ -262,7 +244,7 @@ class Pretrainer:
         for i, (_, _, loss) in enumerate(c.losses):
             loss.load_state_dict(state["components"][f"loss.{i}"])
         self.step = state["step"]
-        self.samples_seen, self.samples_bad = (int(v) for v in state.get("samples", torch.zeros(2)))
+        self.samples.load_state_dict(state.get("samples"))
         set_rng_state(state["rng"])
 
     def _write_run_files(self) -> None:
