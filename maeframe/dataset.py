@@ -19,10 +19,12 @@ class Dataset(Component, torch.utils.data.Dataset):
 
     kind = "dataset"
     # Optional batched augmentation the engine applies after the batch reaches the device:
-    # `device_transform(batch [B, ...] as collated, generator on the batch's device) -> [B, *input_shape]`.
-    # Its randomness must come only from `generator`, which the engine seeds from (recipe seed, step,
-    # micro-batch, rank), so a resumed run draws the same augmentation. None: samples are ready as loaded.
-    device_transform: Callable[[Tensor, torch.Generator], Tensor] | None = None
+    # `device_transform(batch [B, ...] as collated, generator on the batch's device, rows=(start, total))
+    # -> [B, *input_shape]`. Its randomness must come only from `generator`, which the engine seeds from
+    # (recipe seed, step, micro-batch) alike on every process: draw for all `total` images of the global
+    # micro-batch and use rows start..start+B (this process's slice), so N processes augment as one process
+    # with an N× batch and a resumed run draws the same. None: samples are ready as loaded.
+    device_transform: Callable[..., Tensor] | None = None
 
     def __init__(self, options: Options, input_shape: tuple[int, ...], train: bool):
         Component.__init__(self, options)

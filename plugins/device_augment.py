@@ -92,13 +92,19 @@ class DeviceAugment:
         self._mean = torch.tensor(mean).view(1, -1, 1, 1) * 255
         self._std = torch.tensor(std).view(1, -1, 1, 1) * 255
 
-    def __call__(self, batch: Tensor, generator: torch.Generator) -> Tensor:
+    def __call__(self, batch: Tensor, generator: torch.Generator, rows: tuple[int, int] | None = None) -> Tensor:
+        """rows (start, total): draw boxes and flips for `total` images and use rows start..start+B (this
+        process's slice of a global batch); None = the batch is the whole draw."""
         if batch.dtype != torch.uint8 or batch.dim() != 4:
             raise ValueError(f"device augmentation expects uint8 [B, C, H, W] images, got {batch.dtype} "
                              f"{list(batch.shape)}")
         b, _, height, width = batch.shape
-        boxes = sample_crop_boxes(b, height, width, self.scale, self.ratio, generator)
-        flip = torch.rand(b, generator=generator, device=batch.device) < 0.5
+        start, total = rows or (0, b)
+        if start < 0 or start + b > total:
+            raise ValueError(f"rows {rows}: a batch of {b} does not fit at {start} in a draw of {total}")
+        mine = slice(start, start + b)
+        boxes = sample_crop_boxes(total, height, width, self.scale, self.ratio, generator)[mine]
+        flip = (torch.rand(total, generator=generator, device=batch.device) < 0.5)[mine]
         if not self.hflip:
             flip = torch.zeros_like(flip)
         out = resized_crop(batch, boxes, flip, self.size, self.mode)

@@ -204,6 +204,18 @@ def test_device_augment_is_a_function_of_the_generator_seed():
         augment(images.float(), torch.Generator())
 
 
+def test_processes_crop_their_rows_of_the_global_batch():
+    """Two processes, each with half of a global batch and the same generator seed, produce exactly what one
+    process produces for the whole batch (as masks do): torchrun changes nothing about augmentation."""
+    images = torch.from_numpy(load_fashion_mnist(FASHION_MNIST_ROOT, "test")[0][:8].copy())[:, None]
+    augment = DeviceAugment((20, 20), (0.2, 1.0), (3 / 4, 4 / 3), True, (0.2860,), (0.3530,))
+    whole = augment(images, torch.Generator().manual_seed(5))
+    halves = [augment(images[i:i + 4], torch.Generator().manual_seed(5), rows=(i, 8)) for i in (0, 4)]
+    assert torch.equal(torch.cat(halves), whole)
+    with pytest.raises(ValueError, match="does not fit"):
+        augment(images[:4], torch.Generator(), rows=(6, 8))
+
+
 # --- through the engine ------------------------------------------------------------------------------
 
 
@@ -233,9 +245,9 @@ def test_pretraining_runs_on_packed_data_with_device_augmentation(tmp_path, pack
 def test_resume_on_packed_data_is_exact(tmp_path, packed_fmnist, monkeypatch):
     seeds = []  # the augmentation generator's seed of every micro-batch
     real = DeviceAugment.__call__
-    def recording(self, batch, generator):
+    def recording(self, batch, generator, rows=None):
         seeds.append(generator.initial_seed())
-        return real(self, batch, generator)
+        return real(self, batch, generator, rows)
 
     monkeypatch.setattr(DeviceAugment, "__call__", recording)
     extra = ["data.num_workers=1", "optim.accum_steps=2", "data.batch_size=8"]

@@ -141,12 +141,13 @@ class Pretrainer:
         transform = self.dataset.device_transform
         if transform is None:
             return batch
-        # one draw per micro-batch, a function of (seed, step, micro-batch, rank): exact on resume
+        # one draw per global micro-batch, a function of (seed, step, micro-batch): every process draws the
+        # same and keeps its rows, as with masks; exact on resume and across world sizes
         self._micro = self._micro + 1 if self._micro_step == self.step else 0
         self._micro_step = self.step
-        position = self.world.rank * self.recipe.optim.accum_steps + self._micro
-        generator = torch.Generator(self.device).manual_seed(sample_seed(self.recipe.seed, self.step, position))
-        return transform(batch, generator)
+        generator = torch.Generator(self.device).manual_seed(sample_seed(self.recipe.seed, self.step, self._micro))
+        rows = (self.world.rank * len(batch), self.world.world_size * len(batch))
+        return transform(batch, generator, rows=rows)
 
     def _preempted(self, every_step: bool) -> bool:
         """Ranks agree on stopping only at logging steps (one collective), a single process every step."""
