@@ -330,7 +330,20 @@ def _check_shape(name: str, options, input_shape: tuple[int, ...], single_ok: bo
                              f"{channels} channels")
 
 
-class VideoFileDataset(Dataset):
+class MultiViewTesting:
+    """Multi-view testing for a video dataset whose options have `test_clips` and `test_crops`: evaluation
+    samples are [test_clips · test_crops, C, T, H, W]; training samples are single clips."""
+
+    @property
+    def views(self) -> int:
+        return 1 if self.train else self.options.test_clips * self.options.test_crops
+
+    @property
+    def view_layout(self) -> dict[str, int]:
+        return {"clips": self.options.test_clips, "crops": self.options.test_crops} if not self.train else {}
+
+
+class VideoFileDataset(MultiViewTesting, Dataset):
     """Shared decoding, sampling and augmentation; subclasses list (path, label)
     pairs in `_list()` and set `classes`."""
 
@@ -354,15 +367,6 @@ class VideoFileDataset(Dataset):
         self._sizes: dict[str, tuple[int, int]] = {}
 
     # --- fine-tuning and multi-view testing --------------------------------------------------------------
-
-    @property
-    def views(self) -> int:
-        """Test views per evaluation sample (test_clips × test_crops); training samples are single clips."""
-        return 1 if self.train else self.options.test_clips * self.options.test_crops
-
-    @property
-    def view_layout(self) -> dict[str, int]:
-        return {"clips": self.options.test_clips, "crops": self.options.test_crops} if not self.train else {}
 
     def use_finetune_augment(self, rand_augment: str | None, random_erasing: float) -> None:
         """Fine-tuning: RandAugment (same ops on every frame) and per-frame random erasing on training clips."""
@@ -658,7 +662,7 @@ def bounce(position: Tensor, room: int) -> Tensor:
     return torch.where(folded > room, 2 * room - folded, folded)
 
 
-class MovingFashionMNISTDataset(Dataset):
+class MovingFashionMNISTDataset(MultiViewTesting, Dataset):
     """One real Fashion-MNIST item (28×28) moving on a black H×W canvas for T frames, bouncing off the
     edges; label = the item's class. Item i of the dataset is Fashion-MNIST image i. Start position,
     direction and speed are drawn per clip: from a generator seeded by (seed, i) in evaluation (so
@@ -712,14 +716,6 @@ class MovingFashionMNISTDataset(Dataset):
         rows = bounce(u[0] * room_y + speed * torch.sin(angle) * t, room_y)
         cols = bounce(u[1] * room_x + speed * torch.cos(angle) * t, room_x)
         return rows.round().long(), cols.round().long()
-
-    @property
-    def views(self) -> int:
-        return 1 if self.train else self.options.test_clips * self.options.test_crops
-
-    @property
-    def view_layout(self) -> dict[str, int]:
-        return {"clips": self.options.test_clips, "crops": self.options.test_crops} if not self.train else {}
 
     def use_finetune_augment(self, rand_augment: str | None, random_erasing: float) -> None:
         """Fine-tuning: RandAugment (same ops on every frame) and per-frame random erasing on training clips."""
