@@ -108,5 +108,6 @@ class DeviceAugment:
         if not self.hflip:
             flip = torch.zeros_like(flip)
         out = resized_crop(batch, boxes, flip, self.size, self.mode)
-        mean, std = self._mean.to(out.device), self._std.to(out.device)
-        return out.sub_(mean).div_(std)
+        if self._mean.device != out.device:  # once: no host-to-device copy per batch
+            self._mean, self._std = self._mean.to(out.device), self._std.to(out.device)
+        return out.sub_(self._mean).div_(self._std)

@@ -16,27 +16,18 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from maeframe import Options, Tokenizer, Tokens, TokenSpec, as_pair, hookimpl
+from maeframe import Tokenizer, Tokens, TokenSpec, hookimpl
+from .image import ImagePatchOptions
 
 MIN_SIDE = 112          # frames smaller than this are enlarged (nearest neighbour) in the pictures
 GIF_FRAME_MS = 250      # display time of one frame in the GIF
 
 
-class VideoTubeOptions(Options):
+class VideoTubeOptions(ImagePatchOptions):
+    """The image patch options (frame size, spatial patch, channels; each patch divides the frame) plus time."""
+
     num_frames: int = Field(16, ge=1, description="frames per clip (T); must be a multiple of tubelet")
-    image_size: int | tuple[int, int] = Field(224, description="frame height and width (one int = square)")
     tubelet: int = Field(2, ge=1, description="frames per token (VideoMAE: 2)")
-    patch_size: int | tuple[int, int] = Field(16, description="spatial patch height and width; must divide "
-                                                              "the frame")
-    channels: int = Field(3, ge=1, description="input channels: 3 for RGB, 1 for grayscale")
-
-    @property
-    def hw(self) -> tuple[int, int]:
-        return as_pair(self.image_size)
-
-    @property
-    def pq(self) -> tuple[int, int]:
-        return as_pair(self.patch_size)
 
     @model_validator(mode="after")
     def _tubelets_divide_clip(self) -> VideoTubeOptions:
@@ -44,11 +35,6 @@ class VideoTubeOptions(Options):
             raise ValueError(f"tubelet {self.tubelet} does not divide num_frames {self.num_frames}: a clip must "
                              f"hold a whole number of tubelets (try num_frames "
                              f"{self.num_frames - self.num_frames % self.tubelet or self.tubelet})")
-        for axis, n, p in zip(("height", "width"), self.hw, self.pq):
-            if n <= 0 or p <= 0:
-                raise ValueError(f"image {axis} {n} and patch {axis} {p} must be positive")
-            if n % p:
-                raise ValueError(f"patch {axis} {p} does not divide image {axis} {n}")
         return self
 
 

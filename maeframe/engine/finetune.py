@@ -212,8 +212,7 @@ class FineTuner:
                         last = self._log(window.flush(self.effective_batch), log, bar)
                     if self.signals.received is not None:
                         self.save(self.run_dir.last)
-                        raise Preempted(f"stopped by signal {self.signals.received} at step {self.step}; "
-                                        f"{self.run_dir.last} holds it: rerun with --resume")
+                        raise Preempted(self.signals.received, self.step, self.run_dir.last)
                 del batches
                 if self.step % self.steps_per_epoch == 0:
                     self._end_epoch(self.step // self.steps_per_epoch, log)

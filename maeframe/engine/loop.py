@@ -17,6 +17,9 @@ class Preempted(MaeframeError):
 
     exit_code = 75
 
+    def __init__(self, signal_name: str, step: int, checkpoint):
+        super().__init__(f"stopped by signal {signal_name} at step {step}; {checkpoint} holds it: rerun with --resume")
+
 
 class SampleCount:
     """Sample reads of a run and how many failed (`SeededDataset` skips unreadable files and reports them

@@ -67,7 +67,6 @@ class Pretrainer:
                         if recipe.monitor is not None and self.world.is_main else None)  # only rank 0 evaluates
         self.step = 0
         self.samples = SampleCount(recipe.data.max_bad_fraction)
-        self._micro_step, self._micro = -1, 0  # micro-batch counter within a step, for device augmentation
 
         self.run_dir = RunDirectory(Path(recipe.runtime.output_dir) / recipe.name, resume, self.world.is_main,
                                     ".dcp" if self.engine.sharded else ".pt")
@@ -103,7 +102,7 @@ class Pretrainer:
                 epoch_end = min((epoch + 1) * self.steps_per_epoch, stop_at)
                 while self.step < epoch_end:
                     waited = time.perf_counter()
-                    micro = [self._next(batches) for _ in range(accum)]
+                    micro = [self._next(batches, i) for i in range(accum)]
                     window.data_wait += time.perf_counter() - waited
                     window.add(self.engine(self.step, micro))
                     self.step += 1
@@ -115,8 +114,7 @@ class Pretrainer:
                         self.save(self.run_dir.last)
                     if self._preempted(every_step=not self.world.distributed or at_log):
                         self.save(self.run_dir.last)
-                        raise Preempted(f"stopped by signal {self.signals.received} at step {self.step}; "
-                                        f"{self.run_dir.last} holds it: rerun with --resume")
+                        raise Preempted(self.signals.received, self.step, self.run_dir.last)
                 del batches
                 if self.step % self.steps_per_epoch == 0:
                     self._end_epoch(self.step // self.steps_per_epoch, last, log)
@@ -132,7 +130,7 @@ class Pretrainer:
         shutdown_world(self.world)
         return last
 
-    def _next(self, batches) -> torch.Tensor:
+    def _next(self, batches, micro: int) -> torch.Tensor:
         """The next micro-batch on the device, after the dataset's `device_transform` if it has one; counts
         unreadable samples the loader skipped and stops above the limit."""
         batch, _, failed = next(batches)
@@ -143,9 +141,7 @@ class Pretrainer:
             return batch
         # one draw per global micro-batch, a function of (seed, step, micro-batch): every process draws the
         # same and keeps its rows, as with masks; exact on resume and across world sizes
-        self._micro = self._micro + 1 if self._micro_step == self.step else 0
-        self._micro_step = self.step
-        generator = torch.Generator(self.device).manual_seed(sample_seed(self.recipe.seed, self.step, self._micro))
+        generator = torch.Generator(self.device).manual_seed(sample_seed(self.recipe.seed, self.step, micro))
         rows = (self.world.rank * len(batch), self.world.world_size * len(batch))
         return transform(batch, generator, rows=rows)
 
