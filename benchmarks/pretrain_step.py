@@ -40,6 +40,8 @@ from maeframe.engine.optim import peak_lr  # noqa: E402
 from maeframe.engine.runtime import Runtime, select_runtime  # noqa: E402
 from maeframe.engine.step import TrainStep  # noqa: E402
 
+from official_mae import OfficialMae, official_grad_norm, official_param_groups  # noqa: E402
+
 MB = 2**20
 
 # Dense (no sparsity) peak TFLOP/s per GPU from the vendors' data sheets: (bf16 tensor core, tf32 tensor
@@ -227,20 +229,16 @@ class HfStep:
         from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
         recipe = prepared.recipe
-        m, tok = recipe.model, recipe.tokenizer.options
-        size, patch = tok["image_size"], tok["patch_size"]
-        size = size if isinstance(size, int) else size[0]
-        patch = patch if isinstance(patch, int) else patch[0]
+        z = reference_sizes(prepared)
         kwargs = dict(
-            hidden_size=m.embed_dim, num_hidden_layers=m.depth, num_attention_heads=m.num_heads,
-            intermediate_size=int(m.embed_dim * m.mlp_ratio), hidden_act="gelu",
+            hidden_size=z["dim"], num_hidden_layers=z["depth"], num_attention_heads=z["heads"],
+            intermediate_size=int(z["dim"] * z["mlp_ratio"]), hidden_act="gelu",
             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, layer_norm_eps=1e-6, qkv_bias=True,
-            image_size=size, patch_size=patch, num_channels=tok["channels"],
-            decoder_hidden_size=m.decoder_embed_dim, decoder_num_hidden_layers=m.decoder_depth,
-            decoder_num_attention_heads=m.decoder_num_heads,
-            decoder_intermediate_size=int(m.decoder_embed_dim * m.mlp_ratio),
-            mask_ratio=recipe.masker.options.get("ratio", 0.75),
-            norm_pix_loss=bool(recipe.target.options.get("norm_pix", False)),
+            image_size=z["image_size"], patch_size=z["patch"], num_channels=z["channels"],
+            decoder_hidden_size=z["dec_dim"], decoder_num_hidden_layers=z["dec_depth"],
+            decoder_num_attention_heads=z["dec_heads"],
+            decoder_intermediate_size=int(z["dec_dim"] * z["mlp_ratio"]),
+            mask_ratio=z["mask_ratio"], norm_pix_loss=z["norm_pix"],
         )
         try:
             config = ViTMAEConfig(**kwargs, attn_implementation="sdpa")
@@ -251,7 +249,8 @@ class HfStep:
         self.attn_implementation = getattr(self.model.config, "_attn_implementation", None)
         self.model.to(runtime.device).train()
         self.runtime, self.device = runtime, runtime.device
-        self.step_model = torch.compile(self.model) if compile_model else self.model
+        mode = recipe.runtime.compile_mode
+        self.step_model = torch.compile(self.model, mode=mode) if compile_model else self.model
         params = [p for p in self.model.parameters() if p.requires_grad]
         optim = recipe.optim
         self.optimizer = torch.optim.AdamW(params, lr=lr, betas=optim.betas, weight_decay=optim.weight_decay,
@@ -267,6 +266,48 @@ class HfStep:
     def loss_for_flops(self, batch: torch.Tensor) -> torch.Tensor:
         with self.runtime.autocast():
             return self.model(pixel_values=batch).loss
+
+
+def reference_sizes(prepared) -> dict:
+    """The recipe's sizes as the references take them (square image and patch)."""
+    recipe = prepared.recipe
+    m, tok = recipe.model, recipe.tokenizer.options
+    first = lambda v: v if isinstance(v, int) else v[0]  # noqa: E731
+    return dict(image_size=first(tok["image_size"]), patch=first(tok["patch_size"]), channels=tok["channels"],
+                dim=m.embed_dim, depth=m.depth, heads=m.num_heads, dec_dim=m.decoder_embed_dim,
+                dec_depth=m.decoder_depth, dec_heads=m.decoder_num_heads, mlp_ratio=m.mlp_ratio,
+                mask_ratio=recipe.masker.options.get("ratio", 0.75),
+                norm_pix=bool(recipe.target.options.get("norm_pix", False)))
+
+
+class OfficialStep:
+    """The official MAE code's model and per-iteration work (benchmarks/official_mae.py), always eager: the
+    official code has no torch.compile, fused attention or fused AdamW."""
+
+    label = "official-mae"
+
+    def __init__(self, prepared, runtime: Runtime, lr: float):
+        optim = prepared.recipe.optim
+        self.model = OfficialMae(**reference_sizes(prepared)).to(runtime.device).train()
+        self.runtime, self.device = runtime, runtime.device
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(official_param_groups(self.model, optim.weight_decay), lr=lr,
+                                           betas=optim.betas)
+
+    def train_step(self, batch: torch.Tensor) -> None:
+        with self.runtime.autocast():
+            loss = self.model(batch)[0]
+        if not torch.isfinite(torch.tensor(loss.item())):
+            raise RuntimeError("official reference: non-finite loss")
+        loss.backward()
+        official_grad_norm(self.params)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        sync(self.device)
+
+    def loss_for_flops(self, batch: torch.Tensor) -> torch.Tensor:
+        with self.runtime.autocast():
+            return self.model(batch)[0]
 
 
 def reference_caveats(prepared) -> list[str]:
@@ -370,6 +411,47 @@ def _timed_steps(impl, batch: torch.Tensor, steps: int, own_state: int, rss_inte
     return {"wall_s": wall, "step_s": step_s, "peak_bytes": peak}
 
 
+KERNEL_KINDS = [  # (kind, substrings of kernel names), first match wins
+    ("attention", ("flash", "fmha", "attention", "cudnn_generated_fort_native_sdpa")),
+    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "wgmma", "splitk", "cublas")),
+    ("optimizer", ("adam", "multi_tensor_apply")),
+    ("fused elementwise/norm (triton)", ("triton",)),
+    ("elementwise/norm/reduce (eager)", ("elementwise", "reduce", "norm", "softmax", "gelu", "index", "gather",
+                                        "scatter", "sort", "copy", "fill", "cat")),
+]
+
+
+def profile_steps(impl, batch: torch.Tensor, path: Path, steps: int = 5) -> dict:
+    """Profile `steps` training steps; write the kernel table to `path` and return the device kernel time
+    per step (`kernel_ms_per_step`) and each kind's share of it. The profiler slows the host, so wall
+    time under it says nothing about idle gaps: compare `kernel_ms_per_step` with the timed step instead."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = batch.device
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            impl.train_step(batch)
+        sync(device)
+    averages = prof.key_averages()
+    sort_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(averages.table(sort_by=sort_key, row_limit=60, max_name_column_width=90) + "\n")
+    if device.type != "cuda":
+        return {}
+    kinds: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type.name != "CUDA":
+            continue
+        name = event.name.lower()
+        kind = next((k for k, keys in KERNEL_KINDS if any(key in name for key in keys)), "other kernels")
+        kinds[kind] = kinds.get(kind, 0.0) + event.time_range.elapsed_us()
+    total = sum(kinds.values())
+    shares = {k: round(v / total, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
+    return {"kernel_ms_per_step": round(total / steps / 1e3, 3), "shares_of_kernel_time": shares}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("recipe", help="recipe YAML")
@@ -386,7 +468,15 @@ def main(argv: list[str] | None = None) -> dict:
                     help="auto = bf16 autocast on CUDA, fp32 on CPU (default: the recipe's runtime.precision)")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
                     help="default: the recipe's runtime.device")
-    ap.add_argument("--no-reference", action="store_true", help="skip the transformers ViTMAE reference")
+    ap.add_argument("--references", default="hf", help="comma-separated references timed beside maeframe: hf "
+                    "(transformers ViTMAEForPreTraining), official (the official MAE code's computation, "
+                    "benchmarks/official_mae.py, always eager); 'none' for maeframe alone")
+    ap.add_argument("--no-reference", action="store_true", help="same as --references none")
+    ap.add_argument("--no-cudnn-attention", action="store_true",
+                    help="disable cuDNN's fused attention in SDPA for every implementation (an experiment)")
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="after timing, profile 5 maeframe steps with torch.profiler and write the kernel table "
+                         "here (text); the JSON gets the time shares by kernel kind")
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s for MFU (overrides the table)")
     ap.add_argument("--contention-threshold", type=float, default=0.05,
                     help="a round during which other processes used more than this share of all CPUs is contended")
@@ -417,7 +507,13 @@ def main(argv: list[str] | None = None) -> dict:
     compile_model = recipe.runtime.compile if args.compile is None else args.compile
 
     caveats = [] if args.no_reference else reference_caveats(prepared)
-    with_reference = not args.no_reference and not any("no HF reference" in c for c in caveats)
+    wanted = set() if args.no_reference else {r for r in args.references.split(",") if r not in ("", "none")}
+    if wanted - {"hf", "official"}:
+        ap.error(f"--references: unknown {sorted(wanted - {'hf', 'official'})}; choose from hf, official, none")
+    if args.no_cudnn_attention:  # then SDPA picks flash attention (or memory-efficient) kernels
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    if any("no HF reference" in c for c in caveats):
+        wanted = set()
 
     git_commit = _git_commit()
     loadavg = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
@@ -426,11 +522,13 @@ def main(argv: list[str] | None = None) -> dict:
     batch = torch.randn(batch_size, *input_shape, device=device)
 
     impls = [MaeframeStep(prepared, runtime, batch_size, compile_model)]
-    if with_reference:
+    if "hf" in wanted:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             fused = bool(impls[0].optimizer.defaults.get("fused"))  # the same AdamW kernel as maeframe's
             impls.append(HfStep(prepared, runtime, compile_model, impls[0].lr, fused))
+    if "official" in wanted:
+        impls.append(OfficialStep(prepared, runtime, impls[0].lr))
 
     print(f"device {device_name(device)} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
           f"precision {runtime.precision} | compile {compile_model} | batch {batch_size}", flush=True)
@@ -491,9 +589,9 @@ def main(argv: list[str] | None = None) -> dict:
         if isinstance(impl, HfStep):
             results[impl.label]["attn_implementation"] = impl.attn_implementation
 
-    ratio = None
-    if with_reference:
-        ratio = round(results["maeframe"]["img_s"] / results["hf-transformers"]["img_s"], 3)
+    ratios = {f"maeframe/{impl.label}": round(results["maeframe"]["img_s"] / results[impl.label]["img_s"], 3)
+              for impl in impls[1:]}
+    kernel_shares = profile_steps(impls[0], batch, args.profile) if args.profile else None
     report = {
         "benchmark": "pretrain_step",
         "device": device_name(device),
@@ -533,7 +631,11 @@ def main(argv: list[str] | None = None) -> dict:
         "contention_threshold": args.contention_threshold,
         "reference_caveats": caveats,
         "implementations": results,
-        "ratio_img_s_maeframe_over_hf": ratio,
+        "compile_mode": recipe.runtime.compile_mode if compile_model else None,
+        "cudnn_attention": torch.backends.cuda.cudnn_sdp_enabled(),
+        "ratios_img_s": ratios,
+        "ratio_img_s_maeframe_over_hf": ratios.get("maeframe/hf-transformers"),
+        "profile_kernels": kernel_shares,
     }
     print_table(report)
     if args.out:
@@ -584,8 +686,15 @@ def print_table(report: dict) -> None:
     print(line(["-" * w for w in widths]))
     for row in rows:
         print(line(row))
-    if report["ratio_img_s_maeframe_over_hf"] is not None:
-        print(f"maeframe / HF img/s: {report['ratio_img_s_maeframe_over_hf']:.3f}")
+    for name, ratio in report["ratios_img_s"].items():
+        print(f"{name} img/s: {ratio:.3f}")
+    profile = report["profile_kernels"]
+    if profile:
+        step_ms = report["implementations"]["maeframe"]["step_ms_median"]
+        print(f"profile: device kernels {profile['kernel_ms_per_step']:.1f} ms per step of {step_ms:.1f} ms "
+              f"(GPU busy {100 * profile['kernel_ms_per_step'] / step_ms:.0f}%); shares of kernel time:")
+        for kind, share in profile["shares_of_kernel_time"].items():
+            print(f"  {kind} {100 * share:.1f}%")
     for note in report["reference_caveats"]:
         print(f"reference caveat: {note}")
     if report["max_foreign_cpu_share"] > report["contention_threshold"]:

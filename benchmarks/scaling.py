@@ -64,6 +64,7 @@ def measure(size: str, ratio: float, args, image_size: int) -> dict:
     config = prepared.recipe.runtime.model_copy(update={"device": args.device, "precision": args.precision,
                                                         "threads": None})
     runtime = select_runtime(config)
+    torch._dynamo.reset()  # each configuration compiles its own graphs (and never counts toward recompile limits)
     torch.manual_seed(0)
     batch = torch.randn(args.batch_size, *prepared.components.tokenizer.input_shape, device=runtime.device)
     step = bench.MaeframeStep(prepared, runtime, args.batch_size, args.compile)

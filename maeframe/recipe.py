@@ -91,6 +91,9 @@ class RuntimeConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto = bf16 on CUDA, fp32 on CPU")
     compile: bool = Field(False, description="torch.compile the model")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode when compile is on: reduce-overhead replays the step's "
+                               "kernels as CUDA graphs (static shapes), max-autotune also tunes matmul kernels")
     output_dir: str = Field("runs", description="runs are written to <output_dir>/<name>/")
     log_interval: int = Field(50, gt=0, description="steps between metric lines (the only host syncs)")
     checkpoint_interval: int = Field(20, gt=0, description="epochs between kept periodic checkpoints")

@@ -7,6 +7,7 @@ import torch
 
 from maeframe.build import prepare
 from maeframe.engine.pretrain import Pretrainer
+from maeframe.engine.runtime import compile_static
 from conftest import QUICKSTART, tiny
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -71,3 +72,17 @@ def test_a_compiled_run_matches_eager(tmp_path, device):
         Pretrainer(prepare(QUICKSTART, overrides)).train()  # each run seeds the RNG that draws its masks
     a, b = (metrics(tmp_path / name / "quickstart") for name in ("eager", "compiled"))
     assert [line["loss"] for line in b] == pytest.approx([line["loss"] for line in a], rel=1e-3)
+
+
+def test_compiled_modules_keep_static_shapes():
+    """Each new token count (a curriculum's mask ratio, a last partial batch) compiles a static graph, not a
+    dynamic-shape one (torch 2.11's dynamic-shape kernels for the MAE step failed on an H100), also beyond
+    torch's default limit of 8 graphs, after which it would run eagerly."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    layer = compile_static(torch.nn.Linear(8, 8), backend="eager")  # dynamo decides the shapes, not the backend
+    for tokens in [*range(10, 22), 12]:
+        layer(torch.randn(2, tokens, 8))
+    assert counters["stats"]["unique_graphs"] == 12  # torch's defaults: 2 (automatic dynamic shapes)

@@ -39,7 +39,7 @@ from .loop import Preempted, PreemptionSignals, SampleCount
 from .metrics import classification_metrics, format_results, write_results
 from .optim import build_schedule, peak_lr
 from .rundir import MetricsLog, RunDirectory
-from .runtime import rng_state, seed_everything, select_runtime, set_rng_state
+from .runtime import compile_static, rng_state, seed_everything, select_runtime, set_rng_state
 from .window import LogWindow, device_name
 
 
@@ -74,7 +74,8 @@ class FineTuner:
         self.lr = peak_lr(optim, self.effective_batch)
 
         self.model = self.build_model().to(self.device)
-        self.step_model = torch.compile(self.model) if recipe.runtime.compile else self.model
+        self.step_model = compile_static(self.model, recipe.runtime.compile_mode) if recipe.runtime.compile else self.model
+        self.cuda_graphs = recipe.runtime.compile and recipe.runtime.compile_mode == "reduce-overhead"
         self.optimizer = self.build_optimizer()
         self.schedule = build_schedule(self.optimizer, optim, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.runtime.uses_scaler)
@@ -157,6 +158,8 @@ class FineTuner:
             targets = labels.float() if self.multi_label else labels
             if self.mixup is not None:
                 images, targets = self.mixup(images, targets)
+            if self.cuda_graphs:  # the previous micro-batch's graph outputs are no longer needed
+                torch.compiler.cudagraph_mark_step_begin()
             with self.runtime.autocast():
                 logits = self.step_model(self.tokenizer.tokenize(images).patches)
             loss = self.criterion(logits.float(), targets)

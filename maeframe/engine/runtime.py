@@ -31,6 +31,25 @@ class Runtime:
         return self.precision == "fp16"
 
 
+STATIC_GRAPHS = 64  # token counts one compiled module may see: a curriculum from mask 0.5 to 0.75 on 196 tokens has 50
+
+
+def compile_static(module: torch.nn.Module, mode: str = "default", backend: str = "inductor"):
+    """`torch.compile` with static shapes: one graph per input shape, never a dynamic-shape graph.
+
+    A training step's shapes are fixed by construction (masks keep a fixed token count); the few that change
+    (a curriculum masker's visible-token count, a fine-tune's last partial batch, evaluation batches) each
+    get their own graph, compiled once and reused. torch's default would turn the changed dimension
+    symbolic, and the dynamic-shape kernels torch 2.11's inductor generated for the MAE step failed on an
+    H100 with "shape '[400, 1024]' is invalid for input of size 8" (benchmarks/README.md, GPU). torch's
+    recompile limit (8 graphs per function, then eager for every new shape) is raised to `STATIC_GRAPHS`, so
+    a scheduled mask ratio keeps its compiled speed: one compile per token count (~40 s for ViT-B on an H100)
+    is little next to a pretraining run."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, STATIC_GRAPHS)
+    return torch.compile(module, mode=mode, dynamic=False, backend=backend)
+
+
 def select_runtime(config: RuntimeConfig, local_rank: int = 0) -> Runtime:
     """The device (this process's GPU under torchrun) and the precision a recipe asks for."""
     if config.device == "cuda" and not torch.cuda.is_available():

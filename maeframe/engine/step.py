@@ -27,7 +27,7 @@ from .dcp_checkpoint import load_dcp_into
 from .distributed import World, any_rank
 from .fsdp import full_value, local_part, shard_model
 from .optim import build_optimizer, build_schedule
-from .runtime import Runtime
+from .runtime import Runtime, compile_static
 
 
 class TrainStep:
@@ -49,7 +49,8 @@ class TrainStep:
         elif world.distributed:
             ids = [world.local_rank] if self.device.type == "cuda" else None
             wrapped = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
-        self.step_model = torch.compile(wrapped) if recipe.runtime.compile else wrapped
+        self.step_model = compile_static(wrapped, recipe.runtime.compile_mode) if recipe.runtime.compile else wrapped
+        self.cuda_graphs = recipe.runtime.compile and recipe.runtime.compile_mode == "reduce-overhead"
         self.optimizer = build_optimizer(self.model, recipe.optim, lr, self.device)
         self.schedule = build_schedule(self.optimizer, recipe.optim, steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=runtime.uses_scaler)
@@ -113,6 +114,8 @@ class TrainStep:
             sync = i == accum - 1 or not isinstance(self.step_model, DistributedDataParallel)
             if self.sharded:  # reduce-scatter gradients only after the last micro-batch
                 self.model.set_requires_gradient_sync(i == accum - 1)
+            if self.cuda_graphs:  # the previous micro-batch's graph outputs are no longer needed
+                torch.compiler.cudagraph_mark_step_begin()
             with contextlib.nullcontext() if sync else self.step_model.no_sync():
                 total, terms, *_ = self.forward_losses(batch, step=step)
                 self.scaler.scale(total / accum).backward()
