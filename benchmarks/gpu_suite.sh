@@ -37,7 +37,7 @@ model-more() {  # levers: flash attention instead of cuDNN's, CUDA graphs (large
     $PY $B/pretrain_step.py recipes/image_mae_vitb.yaml --batch-size 256 --compile --no-reference \
         --no-cudnn-attention --steps 20 --warmup 5 --repeats 2 --profile $OUT/h100-vitb-b256-flash-profile.txt \
         --out $OUT/h100-vitb-b256-flash.json
-    $PY $B/pretrain_step.py recipes/image_mae_vitb.yaml runtime.compile_mode=reduce-overhead --batch-size 256 \
+    $PY $B/pretrain_step.py recipes/image_mae_vitb.yaml runtime.compile_mode=reduce-overhead optim.accum_steps=1 --batch-size 256 \
         --compile --no-reference --steps 20 --warmup 5 --repeats 2 --out $OUT/h100-vitb-b256-cudagraphs.json
 }
 

@@ -165,6 +165,20 @@ class Recipe(Strict):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     monitor: MonitorConfig | None = Field(None, description="online k-NN accuracy during pretraining; null = off")
 
+    @model_validator(mode="after")
+    def _graphs_fit(self) -> Recipe:
+        _cuda_graphs_without_accumulation(self.runtime, self.optim)
+        return self
+
+
+def _cuda_graphs_without_accumulation(runtime: RuntimeConfig, optim: OptimConfig | None) -> None:
+    """CUDA graphs (compile_mode reduce-overhead) overwrite their outputs, the backward's gradients included,
+    on every replay: gradients accumulated over several replays would be silently wrong (pytorch/pytorch#169545)."""
+    if runtime.compile and runtime.compile_mode == "reduce-overhead" and optim is not None and optim.accum_steps > 1:
+        raise ValueError(f"runtime.compile_mode: reduce-overhead (CUDA graphs) reuses the gradients' memory on "
+                         f"every replay, so it cannot accumulate optim.accum_steps={optim.accum_steps} micro-batches; "
+                         f"set optim.accum_steps to 1 (a larger data.batch_size) or compile_mode to default")
+
 
 # --- downstream evaluation recipes (task: finetune | linprobe | knn) --------------------------------
 
@@ -281,6 +295,7 @@ class _DownstreamRecipe(Strict):
     def _replicated(self) -> _DownstreamRecipe:
         if self.runtime.strategy != "ddp":
             raise ValueError("runtime.strategy: downstream runs replicate the encoder (ddp); fsdp is for pretraining")
+        _cuda_graphs_without_accumulation(self.runtime, getattr(self, "optim", None))
         return self
 
 

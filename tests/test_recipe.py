@@ -98,3 +98,15 @@ def test_plugins_lists_components_with_plugin_and_options(capsys):
     assert "maskers:" in out and "random  (plugin masking, maeframe 0.1.0" in out
     assert "ratio: fraction of tokens hidden from the encoder [default 0.75]" in out
     assert "fashion_mnist" in out and "image_patch" in out and "pixel" in out and "mse" in out
+
+
+@pytest.mark.parametrize("recipe", [QUICKSTART, QUICKSTART.parent / "finetune_fmnist.yaml"], ids=["pretrain", "finetune"])
+def test_cuda_graphs_refuse_gradient_accumulation(recipe):
+    """CUDA graphs overwrite the gradients they produced on the next replay, so accumulated gradients would be
+    silently wrong (pytorch/pytorch#169545)."""
+    graphs = ["runtime.compile=true", "runtime.compile_mode=reduce-overhead"]
+    with pytest.raises(RecipeError) as err:
+        prepare(recipe, [*graphs, "optim.accum_steps=2"])
+    assert [p for p, _ in err.value.problems] == ["runtime.compile_mode"]
+    assert "optim.accum_steps=2" in str(err.value)
+    assert prepare(recipe, [*graphs, "optim.accum_steps=1"]).recipe.runtime.compile_mode == "reduce-overhead"
