@@ -252,10 +252,15 @@ def register_targets(register):
 
 @hookimpl
 def validate_recipe(recipe):
-    """Reject an EMA feature target whose `dim` or `layer` does not fit the recipe's encoder."""
+    """Reject an EMA feature target whose `dim` or `layer` does not fit the recipe's encoder, or whose
+    encoder is sharded (FSDP2 modules cannot be deep-copied into a teacher)."""
     target = recipe.target
     if target.name != "feature" or target.options.get("teacher") != "ema":
         return
+    if recipe.runtime.strategy == "fsdp":
+        raise ValueError("target.options.teacher: the EMA teacher is a copy of the encoder, and an encoder "
+                         "sharded by runtime.strategy fsdp cannot be copied; use runtime.strategy ddp, or a "
+                         "frozen teacher (teacher: timm)")
     model = recipe.model
     if target.options.get("dim") != model.embed_dim:
         raise ValueError(f"target.options.dim: {target.options.get('dim')} must equal model.embed_dim "

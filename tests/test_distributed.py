@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from maeframe.build import prepare
 from maeframe.cli import main
@@ -173,3 +173,16 @@ def test_checkpoints_with_index_keyed_adamw_state_still_resume(tmp_path, single)
     assert isinstance(load_checkpoint(last)["optimizer"]["param_groups"][0]["params"][0], int)
     Pretrainer(prepare(QUICKSTART, tiny(tmp_path)), resume=True).train()
     assert_same_trajectory(single, metrics(tmp_path))
+
+
+def test_fsdp_with_a_frozen_timm_teacher_follows_one_process(tmp_path):
+    """The timm feature target keeps its own unsharded frozen model beside the sharded student (the EMA
+    teacher is refused under fsdp: tests/test_targets.py)."""
+    from test_targets import make_teacher
+
+    weights = tmp_path / "teacher.safetensors"
+    save_file(make_teacher().state_dict(), str(weights))
+    target = ["target.name=feature", "losses=[{name: mse}]",
+              f"target.options={{teacher: timm, model_name: vit_tiny_patch16_224, weights: '{weights}', "
+              "model_kwargs: {img_size: 28, patch_size: 4, in_chans: 1, depth: 2}, layer_norm: true}"]
+    assert_same_trajectory(run(tmp_path / "one", 1, *target), run(tmp_path / "two", 2, *target, FSDP))

@@ -376,7 +376,7 @@ def test_ema_teacher_returns_the_chosen_blocks_tokens_of_the_full_sequence(layer
     torch.testing.assert_close(values, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_ema_dim_must_match_the_encoder(tmp_path):
+def test_ema_teacher_must_fit_the_encoder_and_its_strategy(tmp_path):
     tokenizer = image_tokenizer(16, 4, 3)
     target = FeatureTarget(FeatureOptions(teacher="ema", dim=48), tokenizer)
     assert target.out_dim == 48
@@ -386,6 +386,9 @@ def test_ema_dim_must_match_the_encoder(tmp_path):
         prepare(QUICKSTART, tiny(tmp_path, "target.name=feature", "target.options={teacher: ema, dim: 48}"))
     with pytest.raises(RecipeError, match="target.options.layer"):
         prepare(QUICKSTART, tiny(tmp_path, "target.name=feature", "target.options={teacher: ema, dim: 32, layer: 1}"))
+    with pytest.raises(RecipeError, match="target.options.teacher: the EMA teacher .* cannot be copied"):
+        prepare(QUICKSTART, tiny(tmp_path, "target.name=feature", "target.options={teacher: ema, dim: 32}",
+                                 "runtime.strategy=fsdp"))  # FSDP2 modules refuse deepcopy (was an AssertionError)
 
 
 def test_ema_training_resumes_exactly(tmp_path):
