@@ -186,3 +186,13 @@ def test_fsdp_with_a_frozen_timm_teacher_follows_one_process(tmp_path):
               f"target.options={{teacher: timm, model_name: vit_tiny_patch16_224, weights: '{weights}', "
               "model_kwargs: {img_size: 28, patch_size: 4, in_chans: 1, depth: 2}, layer_norm: true}"]
     assert_same_trajectory(run(tmp_path / "one", 1, *target), run(tmp_path / "two", 2, *target, FSDP))
+
+
+def test_fsdp_runs_the_knn_monitor_on_every_rank(tmp_path):
+    """Under fsdp the encoder's forward is collective: every rank evaluates the monitor, rank 0 logs it, and the
+    figures equal one ddp process's (before: refused under torchrun, and a crash in a one-process fsdp run)."""
+    monitor = "monitor={bank: 40, queries: 20, k: 5}"
+    expected, got = run(tmp_path / "one", 1, monitor), run(tmp_path / "two", 2, monitor, FSDP)
+    knn = [[m.get("monitor/knn_top1") for m in lines if "monitor/knn_top1" in m] for lines in (expected, got)]
+    assert len(knn[0]) == 2 and knn[0] == knn[1]
+    assert_same_trajectory([m for m in expected if "loss" in m], [m for m in got if "loss" in m])

@@ -8,6 +8,8 @@ global batch. In a world of one there is nothing to split; the same code runs on
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -52,6 +54,21 @@ def shard_model(model: nn.Module, precision: str, world: World, device: torch.de
             fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model
+
+
+@contextlib.contextmanager
+def root_gathered(model: nn.Module, sharded: bool):
+    """Inside, the root unit's parameters (patch embedding, cls/mask tokens, norms, head: everything outside
+    the blocks) are whole, so a submodule such as `model.encoder` can run on its own; the blocks gather
+    theirs in their own forward hooks. Under fsdp every process must enter (the gather is a collective)."""
+    if not sharded:
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 def local_part(tensor: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from .checkpoint import FORMAT, atomic_save, load_checkpoint, prune, remove, rem
 from .data import ResumableBatchSampler, SeededDataset, make_loader, sample_seed
 from .dcp_checkpoint import TENSOR_KEYS, read_run_state, save_dcp
 from .distributed import any_rank, average, barrier, init_world, shutdown_world
+from .fsdp import root_gathered
 from .monitor import KnnMonitor, describe as describe_monitor
 from .optim import peak_lr
 from .loop import Preempted, PreemptionSignals, SampleCount
@@ -63,8 +64,9 @@ class Pretrainer:
         self.lr = peak_lr(optim, self.effective_batch)
         self.engine = TrainStep(prepared, self.runtime, self.world, self.lr, self.steps_per_epoch)
         self.model, self.optimizer = self.engine.model, self.engine.optimizer
+        evaluates = self.world.is_main or self.engine.sharded  # a sharded encoder's forward needs every rank
         self.monitor = (KnnMonitor(prepared, recipe.monitor, self.device, self.runtime.autocast)
-                        if recipe.monitor is not None and self.world.is_main else None)  # only rank 0 evaluates
+                        if recipe.monitor is not None and evaluates else None)
         self.step = 0
         self.samples = SampleCount(recipe.data.max_bad_fraction)
 
@@ -187,8 +189,12 @@ class Pretrainer:
         self.hook.on_epoch_end(run=self, epoch=epochs_done, metrics=metrics)
 
     def _monitor(self, epochs_done: int, log: MetricsLog | None) -> dict[str, float]:
-        """The k-NN monitor on rank 0 (the other ranks wait at a barrier): one metrics line at this step."""
-        results = self.monitor.evaluate(self.model.encoder, self.components.tokenizer) if self.monitor else {}
+        """The k-NN monitor on rank 0 (under fsdp on every rank, the encoder's forward being collective; the
+        others wait at a barrier): one metrics line at this step, written by rank 0."""
+        results = {}
+        if self.monitor is not None:
+            with root_gathered(self.model, self.engine.sharded):
+                results = self.monitor.evaluate(self.model.encoder, self.components.tokenizer)
         barrier(self.world)
         if self.world.is_main:
             if log is not None:

@@ -42,9 +42,6 @@ class TrainStep:
         wrapped = self.model
         self.sharded = recipe.runtime.strategy == "fsdp"
         if self.sharded:
-            if world.distributed and recipe.monitor is not None:
-                raise MaeframeError("monitor: the k-NN monitor runs the encoder on rank 0 alone, which cannot run "
-                                    "a model sharded across processes (runtime.strategy=fsdp); set monitor: null")
             shard_model(self.model, runtime.precision, world, self.device)
         elif world.distributed:
             ids = [world.local_rank] if self.device.type == "cuda" else None
