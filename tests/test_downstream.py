@@ -358,3 +358,14 @@ def test_export_classifier_help(capsys):
         main(["export-classifier", "--help"])
     assert exit_.value.code == 0
     assert "TorchScript" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("recipe", [FINETUNE, LINPROBE, KNN], ids=lambda p: p.stem)
+def test_downstream_under_torchrun_is_refused_before_writing(tmp_path, pretrained, monkeypatch, recipe):
+    """Downstream tasks train in one process; under torchrun every process used to run the whole task into
+    the same run directory."""
+    prepared = prepare(recipe, overrides(tmp_path, pretrained, train=recipe is not KNN))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(MaeframeError, match="runs in one process, but torchrun started 2"):
+        run_downstream(prepared)
+    assert not (tmp_path / prepared.recipe.name).exists()

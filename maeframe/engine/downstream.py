@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +187,11 @@ def predict(model: torch.nn.Module, tokenizer: Tokenizer, dataset: Dataset, devi
 def run_downstream(prepared: Prepared, resume: bool = False) -> dict[str, Any]:
     """Run a finetune / linprobe / knn recipe; returns the results also written to results.json."""
     task = prepared.recipe.task
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1:  # every process would train alone and write the same run directory
+        raise MaeframeError(f"task {task!r} runs in one process, but torchrun started {processes} (WORLD_SIZE); "
+                            f"run it without torchrun (one GPU), reaching the recipe's effective batch through "
+                            f"optim.accum_steps")
     if task == "knn":
         from .knn_eval import run_knn
 
