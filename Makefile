@@ -36,7 +36,7 @@ test: install data
 	$(PY) -m pytest
 
 bench: install
-	$(PY) benchmarks/pretrain_step.py recipes/quickstart.yaml --batch-size 64 --steps 20 --warmup 3
+	$(PY) benchmarks/pretrain_step.py recipes/quickstart.yaml --batch-size 64 --steps 20 --warmup 3 --references hf,official
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
