@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import math
 import os
 import platform
 import statistics
@@ -34,6 +35,7 @@ if str(REPO) not in sys.path:  # running from a checkout without `pip install -e
     sys.path.insert(0, str(REPO))
 
 import maeframe  # noqa: E402
+from maeframe import as_pair  # noqa: E402
 from maeframe.build import prepare  # noqa: E402
 from maeframe.engine.distributed import World  # noqa: E402
 from maeframe.engine.optim import peak_lr  # noqa: E402
@@ -272,8 +274,7 @@ def reference_sizes(prepared) -> dict:
     """The recipe's sizes as the references take them (square image and patch)."""
     recipe = prepared.recipe
     m, tok = recipe.model, recipe.tokenizer.options
-    first = lambda v: v if isinstance(v, int) else v[0]  # noqa: E731
-    return dict(image_size=first(tok["image_size"]), patch=first(tok["patch_size"]), channels=tok["channels"],
+    return dict(image_size=as_pair(tok["image_size"])[0], patch=as_pair(tok["patch_size"])[0], channels=tok["channels"],
                 dim=m.embed_dim, depth=m.depth, heads=m.num_heads, dec_dim=m.decoder_embed_dim,
                 dec_depth=m.decoder_depth, dec_heads=m.decoder_num_heads, mlp_ratio=m.mlp_ratio,
                 mask_ratio=recipe.masker.options.get("ratio", 0.75),
@@ -297,7 +298,7 @@ class OfficialStep:
     def train_step(self, batch: torch.Tensor) -> None:
         with self.runtime.autocast():
             loss = self.model(batch)[0]
-        if not torch.isfinite(torch.tensor(loss.item())):
+        if not math.isfinite(loss.item()):
             raise RuntimeError("official reference: non-finite loss")
         loss.backward()
         official_grad_norm(self.params)

@@ -117,6 +117,11 @@ class RuntimeConfig(Strict):
                                                                 "(FSDP2 fully_shard, torch>=2.6; checkpoint "
                                                                 "last.dcp/); one process runs fsdp unsharded")
 
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether the compiled step replays as CUDA graphs."""
+        return self.compile and self.compile_mode == "reduce-overhead"
+
     @model_validator(mode="after")
     def _fsdp_precision(self) -> RuntimeConfig:
         if self.strategy == "fsdp" and self.precision == "fp16":
@@ -174,7 +179,7 @@ class Recipe(Strict):
 def _cuda_graphs_without_accumulation(runtime: RuntimeConfig, optim: OptimConfig | None) -> None:
     """CUDA graphs (compile_mode reduce-overhead) overwrite their outputs, the backward's gradients included,
     on every replay: gradients accumulated over several replays would be silently wrong (pytorch/pytorch#169545)."""
-    if runtime.compile and runtime.compile_mode == "reduce-overhead" and optim is not None and optim.accum_steps > 1:
+    if runtime.cuda_graphs and optim is not None and optim.accum_steps > 1:
         raise ValueError(f"runtime.compile_mode: reduce-overhead (CUDA graphs) reuses the gradients' memory on "
                          f"every replay, so it cannot accumulate optim.accum_steps={optim.accum_steps} micro-batches; "
                          f"set optim.accum_steps to 1 (a larger data.batch_size) or compile_mode to default")

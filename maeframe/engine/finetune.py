@@ -75,7 +75,6 @@ class FineTuner:
 
         self.model = self.build_model().to(self.device)
         self.step_model = compile_static(self.model, recipe.runtime.compile_mode) if recipe.runtime.compile else self.model
-        self.cuda_graphs = recipe.runtime.compile and recipe.runtime.compile_mode == "reduce-overhead"
         self.optimizer = self.build_optimizer()
         self.schedule = build_schedule(self.optimizer, optim, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.runtime.uses_scaler)
@@ -158,7 +157,7 @@ class FineTuner:
             targets = labels.float() if self.multi_label else labels
             if self.mixup is not None:
                 images, targets = self.mixup(images, targets)
-            if self.cuda_graphs:  # the previous micro-batch's graph outputs are no longer needed
+            if self.recipe.runtime.cuda_graphs:  # the previous micro-batch's graph outputs are no longer needed
                 torch.compiler.cudagraph_mark_step_begin()
             with self.runtime.autocast():
                 logits = self.step_model(self.tokenizer.tokenize(images).patches)

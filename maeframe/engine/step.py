@@ -47,7 +47,7 @@ class TrainStep:
             ids = [world.local_rank] if self.device.type == "cuda" else None
             wrapped = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
         self.step_model = compile_static(wrapped, recipe.runtime.compile_mode) if recipe.runtime.compile else wrapped
-        self.cuda_graphs = recipe.runtime.compile and recipe.runtime.compile_mode == "reduce-overhead"
+        self.cuda_graphs = recipe.runtime.cuda_graphs
         self.optimizer = build_optimizer(self.model, recipe.optim, lr, self.device)
         self.schedule = build_schedule(self.optimizer, recipe.optim, steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=runtime.uses_scaler)
