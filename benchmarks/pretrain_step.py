@@ -40,7 +40,7 @@ from maeframe.build import prepare  # noqa: E402
 from maeframe.engine.distributed import World  # noqa: E402
 from maeframe.engine.optim import peak_lr  # noqa: E402
 from maeframe.engine.runtime import Runtime, select_runtime  # noqa: E402
-from maeframe.engine.step import TrainStep  # noqa: E402
+from maeframe.engine.step import MAEStep  # noqa: E402
 
 from official_mae import OfficialMae, official_grad_norm, official_param_groups  # noqa: E402
 
@@ -203,15 +203,15 @@ class MaeframeStep:
 
     def __init__(self, prepared, runtime: Runtime, batch_size: int, compile_model: bool):
         recipe = prepared.recipe
-        recipe.runtime.compile = compile_model  # TrainStep compiles the model when the recipe says so
+        recipe.runtime.compile = compile_model  # MAEStep compiles the model when the recipe says so
         self.lr = peak_lr(recipe.optim, batch_size)
-        self.engine = TrainStep(prepared, runtime, World(), self.lr, steps_per_epoch=1000)
+        self.engine = MAEStep(prepared, runtime, World(), self.lr, steps_per_epoch=1000)
         self.model, self.optimizer = self.engine.model, self.engine.optimizer
         self.model.train()
         self.step = 0
 
     def train_step(self, batch: torch.Tensor) -> None:
-        self.engine(self.step, [batch])
+        self.engine(self.step, [(batch, None)])
         self.step += 1
 
     def loss_for_flops(self, batch: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@
         [--steps 3] [--warmup 1] [--device auto] [--precision auto] [--compile]
         [--out benchmarks/results/NAME.json] [--plot benchmarks/results/NAME.png]
 
-For each encoder size and mask ratio it builds maeframe's engine step (`TrainStep`, as
+For each encoder size and mask ratio it builds maeframe's engine step (`MAEStep`, as
 `benchmarks/pretrain_step.py` does) from `recipes/image_mae_vitb.yaml` with the encoder's width, depth and
 heads overridden (the MAE decoder, 8 × 512, stays), and records:
 

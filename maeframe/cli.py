@@ -11,7 +11,7 @@ from .errors import MaeframeError
 def cmd_run(args: argparse.Namespace) -> int:
     """Validate fully before anything is written, then train."""
     from .build import prepare
-    from .engine.pretrain import Pretrainer
+    from .engine.run import run_task
 
     prepared = prepare(args.recipe, args.overrides)
     resume = args.resume
@@ -19,15 +19,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from .engine.rundir import latest_checkpoint
 
         resume = latest_checkpoint(Path(prepared.recipe.runtime.output_dir) / prepared.recipe.name) is not None
-    if prepared.recipe.task != "pretrain":  # finetune / linprobe / knn: results.json, printed at the end
-        from .engine.downstream import run_downstream
-
-        run_downstream(prepared, resume=resume)
-        return 0
-    trainer = Pretrainer(prepared, resume=resume)
-    metrics = trainer.train()
-    loss = f"{metrics['loss']:.4f}" if "loss" in metrics else "n/a"
-    print(f"finished at step {trainer.step}: loss {loss}; run directory {trainer.run_dir.path}")
+    run_task(prepared, resume=resume)  # prints its summary (pretraining) or results (downstream)
     return 0
 
 

@@ -96,7 +96,7 @@ class RuntimeConfig(Strict):
                                "kernels as CUDA graphs (static shapes), max-autotune also tunes matmul kernels")
     output_dir: str = Field("runs", description="runs are written to <output_dir>/<name>/")
     log_interval: int = Field(50, gt=0, description="steps between metric lines (the only host syncs)")
-    checkpoint_interval: int = Field(20, gt=0, description="epochs between kept periodic checkpoints")
+    checkpoint_interval: int = Field(20, gt=0, description="epochs between kept periodic checkpoints (the last epoch always gets one)")
     checkpoint_every_steps: int | None = Field(None, gt=0, description="also refresh last.pt every N steps "
                                                                        "(bounds the work a crash can lose)")
     keep_checkpoints: int | None = Field(None, gt=0, description="keep only the newest N periodic checkpoints "
@@ -111,11 +111,12 @@ class RuntimeConfig(Strict):
     progress_bar: bool = Field(True, description="show a progress bar on the terminal")
     threads: int | None = Field(None, gt=0, description="torch CPU threads per process (null = torch's "
                                                         "default); 1 helps on small CPUs with loader workers")
-    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="pretraining under torchrun: ddp replicates the "
-                                                                "model on every process (checkpoint last.pt); fsdp "
-                                                                "shards parameters, gradients and AdamW state "
-                                                                "(FSDP2 fully_shard, torch>=2.6; checkpoint "
-                                                                "last.dcp/); one process runs fsdp unsharded")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="under torchrun: ddp replicates the model on every "
+                                                                "process (checkpoint last.pt); fsdp shards "
+                                                                "parameters, gradients and AdamW state (FSDP2 "
+                                                                "fully_shard, torch>=2.6; checkpoint last.dcp/; "
+                                                                "pretrain and finetune); one process runs fsdp "
+                                                                "unsharded")
 
     @property
     def cuda_graphs(self) -> bool:
@@ -297,11 +298,28 @@ class _DownstreamRecipe(Strict):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     @model_validator(mode="after")
-    def _replicated(self) -> _DownstreamRecipe:
-        if self.runtime.strategy != "ddp":
-            raise ValueError("runtime.strategy: downstream runs replicate the encoder (ddp); fsdp is for pretraining")
+    def _runtime_fits_the_task(self) -> _DownstreamRecipe:
+        if self.runtime.strategy != "ddp" and self.task != "finetune":
+            raise ValueError(f"runtime.strategy: a {self.task} run keeps its frozen encoder whole on every process "
+                             f"(ddp); fsdp shards models that train (pretrain, finetune)")
         _cuda_graphs_without_accumulation(self.runtime, getattr(self, "optim", None))
+        unused = [name for name in UNUSED_RUNTIME_FIELDS[self.task]
+                  if getattr(self.runtime, name) != RuntimeConfig.model_fields[name].default]
+        if unused:
+            raise ValueError(f"runtime.{unused[0]}: a {self.task} run {UNUSED_REASON[self.task]}; leave "
+                             f"{', '.join('runtime.' + n for n in unused)} at the default")
         return self
+
+
+# runtime fields a downstream task has no use for: refused when set, never silently ignored
+_PICTURES = ("visualize_interval", "visualize_samples")
+UNUSED_RUNTIME_FIELDS = {
+    "finetune": _PICTURES, "linprobe": _PICTURES,
+    "knn": ("compile", "compile_mode", "log_interval", "checkpoint_interval", "checkpoint_every_steps",
+            "keep_checkpoints", "nonfinite", "max_steps", *_PICTURES),
+}
+UNUSED_REASON = {"finetune": "draws no reconstructions", "linprobe": "draws no reconstructions",
+                 "knn": "trains nothing (no steps, checkpoints or pictures)"}
 
 
 class FinetuneRecipe(_DownstreamRecipe):
@@ -320,6 +338,9 @@ class FinetuneRecipe(_DownstreamRecipe):
                              "(mixup > 0); set label_smoothing: 0 or enable mixup")
         if self.head.features != "encoder":
             raise ValueError("head.features: fine-tuning trains an encoder; pixels is for linprobe and knn")
+        if self.ema is not None and self.runtime.strategy == "fsdp":
+            raise ValueError("ema: an EMA copy of a sharded (fsdp) model is not supported; use runtime.strategy: "
+                             "ddp or ema: null")
         return self
 
 

@@ -28,7 +28,7 @@ def metrics(run_dir):
 
 def test_a_bf16_run_learns_with_fp32_master_weights(tmp_path, device):
     trainer = Pretrainer(prepare(QUICKSTART, tiny(tmp_path, *on(device), "optim.epochs=6", "optim.base_lr=5e-3")))
-    with trainer.engine.runtime.autocast():
+    with trainer.train_step.runtime.autocast():
         assert trainer.model.encoder.blocks[0].attn.qkv(torch.ones(1, 32, device=device)).dtype == torch.bfloat16
     trainer.train()
     losses = [line["loss"] for line in metrics(tmp_path / "quickstart")]
@@ -39,7 +39,7 @@ def test_a_bf16_run_learns_with_fp32_master_weights(tmp_path, device):
 def test_bf16_prediction_is_close_to_fp32(tmp_path, device):
     trainer = Pretrainer(prepare(QUICKSTART, tiny(tmp_path, *on(device))))
     batch = next(iter(trainer.loader))[0].to(device)
-    mask = trainer.engine.draw_mask(batch.shape[0])
+    mask = trainer.train_step.draw_mask(batch.shape[0])
     with torch.no_grad():
         _, _, low = trainer.predict(batch, mask)
         full = trainer.model(trainer.components.tokenizer.tokenize(batch).patches, mask).values
@@ -52,15 +52,15 @@ def test_fused_adamw_skips_a_non_finite_step_without_a_host_sync(nan_recipe, dev
     trainer.train()
     assert trainer.optimizer.defaults["fused"]
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    trainer.engine(3, [next(iter(trainer.loader))[0]])  # the NaN step
+    trainer.train_step(3, [next(iter(trainer.loader))[:2]])  # the NaN step
     assert all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in before.items())
-    assert int(trainer.engine.nonfinite) == 1 and int(trainer.engine.first_nonfinite) == 3
+    assert int(trainer.train_step.nonfinite) == 1 and int(trainer.train_step.first_nonfinite) == 3
 
 
 def test_the_model_compiles_without_graph_breaks(tmp_path, device):
     trainer = Pretrainer(prepare(QUICKSTART, tiny(tmp_path, *on(device))))
     batch = next(iter(trainer.loader))[0].to(device)
-    mask = trainer.engine.draw_mask(batch.shape[0])
+    mask = trainer.train_step.draw_mask(batch.shape[0])
     torch._dynamo.reset()
     explained = torch._dynamo.explain(trainer.model)(trainer.components.tokenizer.tokenize(batch).patches, mask)
     assert explained.graph_break_count == 0, explained.break_reasons

@@ -13,8 +13,8 @@ from maeframe.cli import main
 from maeframe.engine.augment import FinetuneAugment
 from maeframe.engine.checkpoint import load_checkpoint
 from maeframe.engine.data import SeededDataset
-from maeframe.engine.downstream import run_downstream
-from maeframe.engine.finetune import FineTuner
+from maeframe.engine.run import run_task
+from maeframe.engine.finetune import ClassifierStep, FineTuner
 from maeframe.engine.heads import Classifier, layer_id
 from maeframe.engine.knn import knn_scores
 from maeframe.engine.linprobe import LinearProbe
@@ -33,7 +33,7 @@ from conftest import QUICKSTART, RECIPES, tiny
 FINETUNE, LINPROBE, KNN = (RECIPES / f"{task}_fmnist.yaml" for task in ("finetune", "linprobe", "knn"))
 ENCODER = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2"]
 DATA = ["data.train.options.limit=64", "data.eval.options.limit=32", "data.batch_size=16", "data.num_workers=0"]
-RUNTIME = ["runtime.progress_bar=false", "runtime.tensorboard=false", "runtime.log_interval=1"]
+RUNTIME = ["runtime.progress_bar=false", "runtime.tensorboard=false"]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def pretrained(tmp_path_factory):
 
 
 def overrides(tmp_path, checkpoint, *extra, train=True):
-    schedule = ["optim.epochs=2", "optim.warmup_epochs=1"] if train else []
+    schedule = ["optim.epochs=2", "optim.warmup_epochs=1", "runtime.log_interval=1"] if train else []
     return [*ENCODER, *DATA, *RUNTIME, *schedule, f"runtime.output_dir={tmp_path}", f"init.checkpoint={checkpoint}",
             *extra]
 
@@ -248,11 +248,11 @@ def test_linprobe_keeps_the_encoder_frozen(tmp_path, pretrained):
 
 
 def test_knn_recipe_end_to_end_matches_a_direct_computation(tmp_path, pretrained):
-    run = run_downstream(prepare(KNN, overrides(tmp_path, pretrained, train=False)))
+    run = run_task(prepare(KNN, overrides(tmp_path, pretrained, train=False)))
     assert run["task"] == "knn" and run["feature_dim"] == 32 and run["dataset"]["train"] == 64
     assert (tmp_path / "knn_fmnist" / "confusion_matrix.png").is_file()
     # the raw-pixel baseline has a known answer: k-NN on the flat normalised images
-    pixels = run_downstream(prepare(KNN, overrides(tmp_path, pretrained, "init.format=none", "knn.features=pixels",
+    pixels = run_task(prepare(KNN, overrides(tmp_path, pretrained, "init.format=none", "knn.features=pixels",
                                                    "name=pixels", "knn.k=5", train=False)))
     prepared = prepare(KNN, overrides(tmp_path, pretrained, train=False))
     bank = build_dataset(prepared, "train", augment=False)
@@ -294,15 +294,15 @@ def test_finetune_preemption_writes_last_and_resumes_exactly(tmp_path, pretraine
         return FineTuner(prepare(FINETUNE, overrides(tmp_path / folder, pretrained)), resume=resume)
 
     straight = run("a").train()
-    real_step = FineTuner._optimizer_step
+    real_step = ClassifierStep.__call__
 
-    def step_then_signal(self, micro):
-        out = real_step(self, micro)
-        if self.step == 2:
+    def step_then_signal(self, step, micro):
+        out = real_step(self, step, micro)
+        if step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
         return out
 
-    monkeypatch.setattr(FineTuner, "_optimizer_step", step_then_signal)
+    monkeypatch.setattr(ClassifierStep, "__call__", step_then_signal)
     with pytest.raises(Preempted, match="stopped by signal SIGTERM at step 3") as stopped:
         run("b").train()
     assert stopped.value.exit_code == 75 and load_checkpoint(tmp_path / "b" / "finetune_fmnist" / "last.pt")["step"] == 3
@@ -358,14 +358,3 @@ def test_export_classifier_help(capsys):
         main(["export-classifier", "--help"])
     assert exit_.value.code == 0
     assert "TorchScript" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("recipe", [FINETUNE, LINPROBE, KNN], ids=lambda p: p.stem)
-def test_downstream_under_torchrun_is_refused_before_writing(tmp_path, pretrained, monkeypatch, recipe):
-    """Downstream tasks train in one process; under torchrun every process used to run the whole task into
-    the same run directory."""
-    prepared = prepare(recipe, overrides(tmp_path, pretrained, train=recipe is not KNN))
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(MaeframeError, match="runs in one process, but torchrun started 2"):
-        run_downstream(prepared)
-    assert not (tmp_path / prepared.recipe.name).exists()

@@ -27,7 +27,8 @@ from maeframe_plugins.video_data import ClipAugment, crop_offsets, eval_crop_cor
 from conftest import RECIPES
 
 KLETTRES = Path("/usr/share/klettres")
-RUNTIME = ["runtime.progress_bar=false", "runtime.tensorboard=false", "runtime.log_interval=1"]
+RUNTIME = ["runtime.progress_bar=false", "runtime.tensorboard=false"]
+TRAINING = [*RUNTIME, "runtime.log_interval=1"]
 VIDEO_ENCODER = ["model.embed_dim=24", "model.depth=1", "model.num_heads=2"]
 AUDIO_ENCODER = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2"]
 VIDEO_DATA = ["data.train.options.limit=16", "data.eval.options.limit=4", "data.batch_size=8", "data.num_workers=0"]
@@ -46,7 +47,7 @@ def video_checkpoint(tmp_path_factory):
     Pretrainer(prepare(RECIPES / "video_moving_fmnist.yaml", [
         *VIDEO_ENCODER, "model.decoder_embed_dim=12", "model.decoder_depth=1", "model.decoder_num_heads=2",
         "data.train.options.limit=32", "data.eval.options.limit=4", "data.batch_size=8", "data.num_workers=0",
-        "optim.epochs=1", "optim.warmup_epochs=0", *RUNTIME, f"runtime.output_dir={out}"])).train()
+        "optim.epochs=1", "optim.warmup_epochs=0", *TRAINING, f"runtime.output_dir={out}"])).train()
     return out / "video_moving_fmnist" / "last.pt"
 
 
@@ -65,13 +66,13 @@ def audio_checkpoint(tmp_path_factory):
 
 def video_finetune(tmp_path, checkpoint, *extra):
     return prepare(RECIPES / "finetune_video_moving_fmnist.yaml", [
-        *VIDEO_ENCODER, *VIDEO_DATA, *SCHEDULE, *RUNTIME, f"runtime.output_dir={tmp_path}",
+        *VIDEO_ENCODER, *VIDEO_DATA, *SCHEDULE, *TRAINING, f"runtime.output_dir={tmp_path}",
         f"init.checkpoint={checkpoint}", *extra])
 
 
 def audio_finetune(tmp_path, checkpoint, *extra):
     return prepare(RECIPES / "finetune_audio_klettres.yaml", [
-        *AUDIO_DATA, *AUDIO_ENCODER, *SCHEDULE, *RUNTIME, f"runtime.output_dir={tmp_path}",
+        *AUDIO_DATA, *AUDIO_ENCODER, *SCHEDULE, *TRAINING, f"runtime.output_dir={tmp_path}",
         f"init.checkpoint={checkpoint}", *extra])
 
 
@@ -325,27 +326,27 @@ def test_multi_label_smoothing_needs_mixing(tmp_path, audio_checkpoint):
 
 def test_linprobe_and_knn_on_video_and_audio(tmp_path, video_checkpoint, audio_checkpoint):
     common = [*RUNTIME, f"runtime.output_dir={tmp_path}"]
-    probe = run_downstream(prepare(RECIPES / "linprobe_video_moving_fmnist.yaml", [
+    probe = run_task(prepare(RECIPES / "linprobe_video_moving_fmnist.yaml", [
         *VIDEO_ENCODER, *VIDEO_DATA, *SCHEDULE, *common, f"init.checkpoint={video_checkpoint}"]))
     assert probe["task"] == "linprobe" and probe["eval_views"]["views"] == 6 and len(probe["history"]) == 2
-    knn = run_downstream(prepare(RECIPES / "knn_audio_klettres.yaml", [
+    knn = run_task(prepare(RECIPES / "knn_audio_klettres.yaml", [
         *AUDIO_DATA, *AUDIO_ENCODER, *common, f"init.checkpoint={audio_checkpoint}"]))
     assert knn["task"] == "knn" and knn["feature_dim"] == 32 and knn["dataset"]["num_classes"] == 2
-    probe = run_downstream(prepare(RECIPES / "linprobe_fmnist.yaml", [
+    probe = run_task(prepare(RECIPES / "linprobe_fmnist.yaml", [
         "tokenizer={name: spectrogram, options: {target_length: 128, num_mel_bins: 128, patch_size: 16}}",
         "data.train={name: klettres, options: {languages: [en, fr], kinds: [alpha], split: train, mean: -7.92, std: 5.519}}",
         "data.eval={name: klettres, options: {languages: [en, fr], kinds: [alpha], split: test, mean: -7.92, std: 5.519}}",
         "data.batch_size=8", "data.num_workers=0", "name=linprobe_audio", *AUDIO_ENCODER, *SCHEDULE, *common,
         f"init.checkpoint={audio_checkpoint}"]))
     assert probe["dataset"]["num_classes"] == 2 and probe["final"]["top1"] >= 0
-    knn = run_downstream(prepare(RECIPES / "knn_fmnist.yaml", [
+    knn = run_task(prepare(RECIPES / "knn_fmnist.yaml", [
         "tokenizer={name: video_tube, options: {num_frames: 8, image_size: 64, tubelet: 2, patch_size: 8, channels: 1}}",
         "data.train={name: moving_fashion_mnist, options: {limit: 16, mean: [0.054], std: [0.19]}}",
         "data.eval={name: moving_fashion_mnist, options: {split: test, limit: 8, mean: [0.054], std: [0.19]}}",
         "data.batch_size=8", "name=knn_video", *VIDEO_ENCODER, *common, f"init.checkpoint={video_checkpoint}"]))
     assert knn["feature_dim"] == 24 and knn["dataset"]["eval"] == 8
     with pytest.raises(MaeframeError, match="one feature per sample"):
-        run_downstream(prepare(RECIPES / "knn_fmnist.yaml", [
+        run_task(prepare(RECIPES / "knn_fmnist.yaml", [
             "tokenizer={name: video_tube, options: {num_frames: 8, image_size: 64, tubelet: 2, patch_size: 8, channels: 1}}",
             "data.train={name: moving_fashion_mnist, options: {limit: 16}}",
             "data.eval={name: moving_fashion_mnist, options: {split: test, limit: 8, test_crops: 2}}",

@@ -14,7 +14,8 @@ from PIL import Image
 
 from maeframe.build import prepare
 from maeframe.engine.checkpoint import atomic_save, load_checkpoint
-from maeframe.engine.pretrain import NonFiniteError, Pretrainer
+from maeframe.engine.loop import NonFiniteError
+from maeframe.engine.pretrain import Pretrainer
 from maeframe.errors import MaeframeError
 from conftest import QUICKSTART, tiny
 
@@ -75,10 +76,10 @@ def test_a_non_finite_step_is_skipped_and_counted(nan_recipe):
     trainer.train()
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     adam_step = trainer.optimizer.state[trainer.model.encoder.cls_token]["step"].item()
-    trainer.engine(3, [next(iter(trainer.loader))[0]])  # the NaN step
+    trainer.train_step(3, [next(iter(trainer.loader))[:2]])  # the NaN step
     assert all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in before.items())
     assert trainer.optimizer.state[trainer.model.encoder.cls_token]["step"].item() == adam_step
-    assert int(trainer.engine.nonfinite) == 1 and int(trainer.engine.first_nonfinite) == 3
+    assert int(trainer.train_step.nonfinite) == 1 and int(trainer.train_step.first_nonfinite) == 3
 
 
 def test_skip_policy_finishes_the_run(nan_recipe, tmp_path):

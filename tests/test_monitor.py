@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from maeframe.build import prepare
-from maeframe.engine.knn_eval import run_knn
+from maeframe.engine.run import run_task
 from maeframe.engine.monitor import KnnMonitor
 from maeframe.engine.pretrain import Pretrainer
 from maeframe.errors import MaeframeError, RecipeError
@@ -37,7 +37,7 @@ def test_monitor_equals_the_knn_task_on_the_same_encoder_and_images(tmp_path, ca
     final = monitor_lines(out)[-1]
     assert final["step"] == 8 and final["epoch"] == 2
     assert final["monitor/bank"] == 64 and final["monitor/queries"] == 32
-    knn = run_knn(prepare(RECIPES / "knn_fmnist.yaml", [
+    knn = run_task(prepare(RECIPES / "knn_fmnist.yaml", [
         "model.embed_dim=32", "model.depth=1", "model.num_heads=2", "data.train.options.limit=64",
         "data.eval.options.limit=32", "data.batch_size=16", "data.num_workers=0", "knn.pool=avg",
         f"init.checkpoint={out / 'quickstart' / 'last.pt'}", f"runtime.output_dir={tmp_path / 'knn'}"]))

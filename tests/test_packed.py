@@ -11,7 +11,7 @@ from torchvision.transforms import v2
 
 from maeframe.build import build_dataset, prepare
 from maeframe.cli import main
-from maeframe.engine.downstream import run_downstream
+from maeframe.engine.run import run_task
 from maeframe.engine.pretrain import Pretrainer
 from maeframe.errors import MaeframeError, RecipeError
 from maeframe_plugins.device_augment import DeviceAugment, resized_crop, sample_crop_boxes
@@ -268,4 +268,4 @@ def test_downstream_training_refuses_a_device_augmented_dataset(tmp_path, packed
     for recipe in ("finetune_fmnist.yaml", "linprobe_fmnist.yaml"):
         prepared = prepare(RECIPES / recipe, [packed, "init.format=none", f"runtime.output_dir={tmp_path}"])
         with pytest.raises(RecipeError, match="data.train.*only pretraining"):
-            run_downstream(prepared)  # before any training: the error names the field
+            run_task(prepared)  # before any training: the error names the field

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from timm.data import Mixup
+from timm.data.mixup import cutmix_bbox_and_lam, mixup_target
 from timm.data.auto_augment import rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 from torch import Tensor
@@ -66,6 +67,8 @@ class FinetuneAugment(Dataset):
     """dataset[i] -> (RandAugment + random erasing of the image, label). Needs an image dataset whose options
     carry `mean` and `std` (the built-in fashion_mnist and image_folder do)."""
 
+    device_transform = None  # as `maeframe.Dataset`: samples are ready as loaded
+
     def __init__(self, dataset: Dataset, config: AugmentConfig):
         self.dataset = dataset
         self.classes = getattr(dataset, "classes", None)
@@ -105,15 +108,27 @@ class FinetuneAugment(Dataset):
 
 
 class BatchMixup(Mixup):
-    """timm's `Mixup` (mode "batch") for inputs [B, C, *, H, W] of rank >= 4 and for multi-hot targets.
+    """timm's `Mixup` (mode "batch") for inputs [B, C, *, H, W] of rank >= 4 and multi-hot targets, with its
+    draws and its pairing independent of how the global batch is split over processes.
 
-    timm's CutMix box indexes dims 2 and 3, which for a clip [B, C, T, H, W] would be (T, H). Here every
-    axis between C and (H, W) is folded into the channel axis of a view [B, C·T, H, W] that timm mixes in
-    place, so one (H, W) box is pasted on every frame (as VideoMAE), and mixup blends whole samples as
-    before. `multi_label` mixes multi-hot float targets [B, num_classes] (smoothing: y(1-s) + s/2)."""
+    One lam, one choice of mixup or cutmix and one box per global micro-batch, drawn with timm's
+    distributions from `seed` alone (the engine passes (seed, step, micro-batch)); each sample is mixed with
+    its `partner` row (the engine passes its partner in the reversed global batch, which is timm's `flip(0)`
+    in one process). A CutMix box spans (H, W): one box pasted on every frame of a clip [B, C, T, H, W], as
+    VideoMAE. Targets: smoothed one-hot (or multi-hot: y(1-s) + s/2), mixed with the partner's by lam."""
 
-    def __call__(self, x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        x = x.contiguous()
-        planes = x.flatten(1, -3) if x.dim() > 4 else x    # a view: timm's in-place mixing writes into x
-        _, target = super().__call__(planes, target)
-        return x, target
+    def __call__(self, x: Tensor, target: Tensor, seed: int,
+                 partner: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        partner_x, partner_target = partner if partner is not None else (x.flip(0), target.flip(0))
+        with python_numpy_seeded(seed):
+            lam, use_cutmix = self._params_per_batch()
+            if use_cutmix and lam != 1.0:
+                (top, bottom, left, right), lam = cutmix_bbox_and_lam(x.shape, lam, self.cutmix_minmax,
+                                                                      self.correct_lam)
+        if lam != 1.0 and use_cutmix:
+            x = x.clone()
+            x[..., top:bottom, left:right] = partner_x[..., top:bottom, left:right]
+        elif lam != 1.0:
+            x = x * lam + partner_x * (1.0 - lam)
+        smooth = lambda t: mixup_target(t, self.num_classes, 1.0, self.label_smoothing, self.multi_label)  # noqa: E731
+        return x, smooth(target) * lam + smooth(partner_target) * (1.0 - lam)

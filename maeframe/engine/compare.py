@@ -98,6 +98,8 @@ def check_comparable(variants: list[tuple[str, Prepared]]) -> None:
                                           f"{path}: {flat_theirs.get(key, '—')!r}); a comparison needs the same "
                                           f"seed, data order and budget"))
             break
+    problems += [("task", f"{path} is a {tree['task']} recipe; compare trains and evaluates pretraining recipes")
+                 for path, tree in trees if tree["task"] != "pretrain"]
     names: dict[str, str] = {}
     for path, tree in trees:
         if tree["name"] in names:
@@ -189,7 +191,7 @@ def load_variants(paths: list[str], overrides: list[str] = ()) -> list[Variant]:
 
 
 def _train(variant: Variant, root: Path, resume: bool, log):
-    from .pretrain import Pretrainer
+    from .run import make_task
 
     recipe = variant.prepared.recipe
     recipe.runtime.output_dir = str(root)
@@ -197,7 +199,7 @@ def _train(variant: Variant, root: Path, resume: bool, log):
     wall_file = variant.run_dir / WALL_FILE
     variant.resumed = resume and (variant.run_dir / "last.pt").is_file()
     stored = json.loads(wall_file.read_text()) if variant.resumed and wall_file.is_file() else {}
-    trainer = Pretrainer(variant.prepared, resume=variant.resumed)
+    trainer = make_task(variant.prepared, resume=variant.resumed)
     already_done = variant.reused = variant.resumed and trainer.step >= trainer.total_steps
     log(f"[{recipe.name}] training {trainer.total_steps} steps ({recipe.optim.epochs} epochs × "
         f"{trainer.steps_per_epoch}) on {trainer.device}{' (resumed at step %d)' % trainer.step if variant.resumed else ''}")

@@ -11,6 +11,7 @@ import logging
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..errors import RecipeError
 from ..recipe import DataConfig
 
 log = logging.getLogger("maeframe.data")
@@ -21,6 +22,15 @@ def sample_seed(seed: int, epoch: int, position: int) -> int:
     """A distinct 63-bit seed for each (run seed, epoch, position in the epoch)."""
     mixed = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + position * 0x94D049BB133111EB)
     return mixed % (2**63 - 1)
+
+
+DEVICE_AUGMENT_STREAM, DROP_PATH_STREAM, MIXUP_STREAM = 0, 1, 2  # per-step random streams, see stream_seed
+
+
+def stream_seed(seed: int, step: int, micro: int, stream: int) -> int:
+    """The seed of one per-step random draw shared by every process: a function of (run seed, optimizer step,
+    micro-batch, stream) alone, never of the rank, so N processes draw as one and a resume draws the same."""
+    return sample_seed(seed, step, stream * 2**20 + micro)
 
 
 class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -34,8 +44,9 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
         global_batches = length // (batch_size * world_size)
         self.batches_per_epoch = global_batches // batches_multiple * batches_multiple
         if self.batches_per_epoch == 0:
-            raise ValueError(f"dataset of {length} samples gives no full batch of {batch_size} "
-                             f"(× {batches_multiple} accumulation steps × {world_size} processes)")
+            raise RecipeError([("data.batch_size", f"the training set's {length} samples give no full batch of "
+                                                   f"{batch_size} (× {batches_multiple} accumulation steps × "
+                                                   f"{world_size} processes)")])
         self.epoch, self.first_batch = 0, 0
 
     def start(self, epoch: int, batch: int = 0) -> None:

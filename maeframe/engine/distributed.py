@@ -70,3 +70,66 @@ def any_rank(flag: bool, world: World, device: torch.device) -> bool:
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
+
+
+def _wire(world: World) -> torch.device:
+    """Where collectives take their tensors: the GPU under NCCL, the CPU under gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def shard(count: int, world: World) -> tuple[list[int], int]:
+    """This rank's contiguous share of `count` items (indices), padded to ceil(count / N) by repeating its
+    last index so every rank runs the same number of batches (an fsdp forward is a collective), and how
+    many of them are real. Rank order is item order, so `gather_rows` restores it."""
+    per = -(-count // world.world_size)
+    start = min(world.rank * per, count)
+    indices = list(range(start, min(start + per, count)))
+    real = len(indices)
+    return indices + [indices[-1] if indices else 0] * (per - real), real
+
+
+def gather_rows(rows: torch.Tensor, world: World) -> torch.Tensor:
+    """Every rank's rows [n_r, ...] -> [n_0 + ... + n_{N-1}, ...] in rank order, on every rank (on the CPU).
+    Ranks may hold different counts; a world of one returns `rows`."""
+    if not world.distributed:
+        return rows
+    wire = _wire(world)
+    counts = [torch.zeros(1, dtype=torch.long, device=wire) for _ in range(world.world_size)]
+    dist.all_gather(counts, torch.tensor([len(rows)], device=wire))
+    counts = [int(c) for c in counts]
+    padded = torch.zeros((max(counts), *rows.shape[1:]), dtype=rows.dtype, device=wire)
+    padded[:len(rows)] = rows
+    parts = [torch.empty_like(padded) for _ in range(world.world_size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n].cpu() for part, n in zip(parts, counts)])
+
+
+def mirrored_rows(rows: torch.Tensor, world: World) -> torch.Tensor:
+    """The rows paired with this rank's rows [B, ...] when the global batch (ranks in order) is reversed:
+    global row g pairs with row G-1-g, which lives on rank N-1-r. One exchange with that rank; a world of one
+    (or the middle rank of an odd world) reverses its own rows."""
+    peer = world.world_size - 1 - world.rank
+    if peer == world.rank:
+        return rows.flip(0)
+    wire = _wire(world)
+    sent, received = rows.contiguous().to(wire), torch.empty_like(rows, device=wire)
+    for request in dist.batch_isend_irecv([dist.P2POp(dist.isend, sent, peer), dist.P2POp(dist.irecv, received, peer)]):
+        request.wait()
+    return received.to(rows.device).flip(0)
+
+
+@torch.no_grad()
+def map_dataset(fn, dataset, world: World, batch_size: int, num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(outputs [N, ...], labels [N, ...]) of `fn(batch) -> rows` over the whole dataset, in dataset order,
+    on every rank: each rank runs its contiguous share (`shard`) and the rows are gathered, so every sample
+    counts exactly once whatever the world size. `fn` returns CPU float rows, one per sample."""
+    from torch.utils.data import DataLoader, Subset
+
+    indices, real = shard(len(dataset), world)
+    outputs, labels = [], []
+    # an explicit generator: creating the loader iterator must not consume the global RNG (exact resume)
+    for batch, label in DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers,
+                                   generator=torch.Generator()):
+        outputs.append(fn(batch))
+        labels.append(torch.as_tensor(label))
+    return gather_rows(torch.cat(outputs)[:real], world), gather_rows(torch.cat(labels)[:real], world)

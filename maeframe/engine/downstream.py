@@ -1,5 +1,5 @@
-"""What the downstream protocols (finetune, linprobe, knn) share: pretrained encoder weights, class names,
-evaluation passes, and the `run_downstream` entry point that `maeframe run` calls for those tasks.
+"""What the downstream protocols (finetune, linprobe, knn) share: pretrained encoder weights, class names and
+the (sharded) evaluation pass.
 
 Encoder weights come from `init`:
     maeframe      a maeframe checkpoint (runs/NAME/last.pt of pretraining, or of a downstream run): its
@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..build import Prepared, build_dataset
 from ..errors import MaeframeError, RecipeError
@@ -31,6 +30,7 @@ from ..interop.official_mae import InteropError, official_to_maeframe, read_offi
 from ..recipe import EncoderConfig, HeadConfig, InitConfig
 from ..tokenizer import TokenSpec, Tokenizer
 from .checkpoint import load_checkpoint
+from .distributed import World, map_dataset
 
 ARCHITECTURE = ("embed_dim", "depth", "num_heads", "mlp_ratio")
 
@@ -154,9 +154,10 @@ def merge_views(logits: Tensor, multi_label: bool = False) -> Tensor:
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, tokenizer: Tokenizer, dataset: Dataset, device: torch.device,
-            batch_size: int, autocast=None, num_workers: int = 0,
-            multi_label: bool = False) -> tuple[Tensor, Tensor]:
-    """(scores [N, C] float32 on CPU, labels) of `model` over `dataset` in order, in eval mode.
+            batch_size: int, autocast=None, num_workers: int = 0, multi_label: bool = False,
+            world: World = World()) -> tuple[Tensor, Tensor]:
+    """(scores [N, C] float32 on CPU, labels) of `model` over the whole `dataset` in order, in eval mode.
+    Under torchrun each rank scores its share and every rank gets all rows (`map_dataset`).
 
     A multi-view dataset (`dataset_views` V > 1) yields batches [B, V, *input_shape]: the loader takes
     batch_size // V samples at a time, the views go through the model in chunks of at most `batch_size`
@@ -164,11 +165,8 @@ def predict(model: torch.nn.Module, tokenizer: Tokenizer, dataset: Dataset, devi
     was_training = model.training
     model.eval()
     views = dataset_views(dataset)
-    scores, labels = [], []
-    # an explicit generator: creating the loader iterator must not consume the global RNG (exact resume)
-    loader = DataLoader(dataset, batch_size=max(1, batch_size // views), num_workers=num_workers,
-                        generator=torch.Generator())
-    for batch, label in loader:
+
+    def scores(batch: Tensor) -> Tensor:
         if views > 1 and tuple(batch.shape[1:]) != (views, *tokenizer.input_shape):
             raise MaeframeError(f"{type(dataset).__name__} has {views} views per sample, so its batches must be "
                                 f"[B, {views}, {', '.join(map(str, tokenizer.input_shape))}]; got {list(batch.shape)}")
@@ -177,31 +175,8 @@ def predict(model: torch.nn.Module, tokenizer: Tokenizer, dataset: Dataset, devi
         for chunk in inputs.split(batch_size):
             with autocast() if autocast is not None else contextlib.nullcontext():
                 logits.append(model(tokenizer.tokenize(chunk.to(device, non_blocking=True)).patches).float().cpu())
-        logits = torch.cat(logits)
-        scores.append(merge_views(logits.view(len(batch), views, -1), multi_label))
-        labels.append(torch.as_tensor(label))
+        return merge_views(torch.cat(logits).view(len(batch), views, -1), multi_label)
+
+    out = map_dataset(scores, dataset, world, max(1, batch_size // views), num_workers)
     model.train(was_training)
-    return torch.cat(scores), torch.cat(labels)
-
-
-def run_downstream(prepared: Prepared, resume: bool = False) -> dict[str, Any]:
-    """Run a finetune / linprobe / knn recipe; returns the results also written to results.json."""
-    task = prepared.recipe.task
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
-    if processes > 1:  # every process would train alone and write the same run directory
-        raise MaeframeError(f"task {task!r} runs in one process, but torchrun started {processes} (WORLD_SIZE); "
-                            f"run it without torchrun (one GPU), reaching the recipe's effective batch through "
-                            f"optim.accum_steps")
-    if task == "knn":
-        from .knn_eval import run_knn
-
-        if resume:
-            raise MaeframeError("--resume: a knn run trains nothing; run it again under another name")
-        return run_knn(prepared)
-    if task == "finetune":
-        from .finetune import FineTuner as Trainer
-    elif task == "linprobe":
-        from .linprobe import LinearProbe as Trainer
-    else:
-        raise MaeframeError(f"task {task!r} is not a downstream task")
-    return Trainer(prepared, resume=resume).train()
+    return out

@@ -39,7 +39,8 @@ def join_process_group(world: World, device: torch.device) -> None:
 
 
 def shard_model(model: nn.Module, precision: str, world: World, device: torch.device) -> nn.Module:
-    """Shard each block of `model.encoder.blocks` and `model.decoder.blocks`, then the root, in place.
+    """Shard each block of `model.encoder.blocks` and `model.decoder.blocks` (where the model has them: a
+    classifier has no decoder), then the root, in place.
 
     bf16 runs keep fp32 shards (what AdamW updates), compute forward/backward in bf16 and reduce gradients
     in fp32 (`MixedPrecisionPolicy`); fp32 runs stay fp32 throughout."""
@@ -49,8 +50,8 @@ def shard_model(model: nn.Module, precision: str, world: World, device: torch.de
     join_process_group(world, device)
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if precision == "bf16" else MixedPrecisionPolicy())
-    for stack in (model.encoder.blocks, model.decoder.blocks):
-        for block in stack:
+    for part in ("encoder", "decoder"):
+        for block in getattr(getattr(model, part, None), "blocks", []):
             fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model

@@ -16,7 +16,9 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.nn.functional import all_reduce
 
 from ..errors import MaeframeError
 from ..interop.official_av import videomae_positions
@@ -35,11 +37,38 @@ def layer_id(name: str, depth: int) -> int:
     return depth + 1
 
 
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics are those of the global batch: under torchrun the per-feature
+    sums, sums of squares and the sample count are all-reduced (differentiably), so N processes normalise
+    exactly as one process with the N× batch (torch's SyncBatchNorm does the same, on GPUs only). One process
+    uses the same formula. Evaluation uses the running statistics, as BatchNorm1d."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [B, D] -> normalised [B, D] (float32)."""
+        if not self.training:
+            return super().forward(x)
+        x = x.float()
+        moments = torch.cat([x.sum(0), x.pow(2).sum(0), x.new_full((1,), x.shape[0])])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            moments = all_reduce(moments)
+        width = x.shape[1]
+        count = moments[-1]
+        mean = moments[:width] / count
+        var = (moments[width:2 * width] / count - mean.pow(2)).clamp_min(0)
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * count / (count - 1).clamp_min(1), self.momentum)
+        out = (x - mean) * torch.rsqrt(var + self.eps)
+        return out * self.weight + self.bias if self.affine else out
+
+
 class Classifier(nn.Module):
     """patches [B, N, patch_dim] -> logits [B, num_classes].
 
     features="pixels" replaces the encoder by the flat patches (the raw-pixel baseline of k-NN and linear
-    probing); `bn_head` puts a BatchNorm1d(affine=False) before the linear layer (MAE's linear probe).
+    probing); `bn_head` puts a BatchNorm1d(affine=False) over the global batch before the linear layer (MAE's
+    linear probe).
     """
 
     def __init__(self, spec: TokenSpec, config: EncoderConfig, num_classes: int, pool: str = "avg",
@@ -69,7 +98,7 @@ class Classifier(nn.Module):
             else:
                 self.fc_norm = nn.Identity()
         linear = nn.Linear(width, num_classes)
-        self.head = nn.Sequential(nn.BatchNorm1d(width, affine=False, eps=1e-6), linear) if bn_head else linear
+        self.head = nn.Sequential(GlobalBatchNorm1d(width, affine=False, eps=1e-6), linear) if bn_head else linear
         self.num_classes = num_classes
 
     @property

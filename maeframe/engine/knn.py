@@ -6,35 +6,39 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..tokenizer import Tokenizer
+from .distributed import World, map_dataset
 
 
 @torch.no_grad()
 def encode_dataset(encoder: torch.nn.Module, tokenizer: Tokenizer, dataset: Dataset, device: torch.device,
-                   batch_size: int = 256, pool: str = "mean", num_workers: int = 0) -> tuple[Tensor, Tensor]:
+                   batch_size: int = 256, pool: str = "mean", num_workers: int = 0,
+                   world: World = World()) -> tuple[Tensor, Tensor]:
     """Features of every sample with all tokens visible: ([N, D] float32 on CPU, [N] long labels).
-    pool: "mean" over patch tokens, or "cls"; num_workers: DataLoader processes decoding the samples."""
+    pool: "mean" over patch tokens, or "cls"; num_workers: DataLoader processes decoding the samples. Under
+    torchrun each rank encodes its share and every rank gets all features (`map_dataset`)."""
     was_training = encoder.training
     encoder.eval()
-    features, labels = [], []
-    for batch, label in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                                   generator=torch.Generator()):
+
+    def features(batch: Tensor) -> Tensor:
         latent = encoder(tokenizer.tokenize(batch.to(device)).patches)
-        features.append((latent[:, 1:].mean(1) if pool == "mean" else latent[:, 0]).float().cpu())
-        labels.append(torch.as_tensor(label))
+        return (latent[:, 1:].mean(1) if pool == "mean" else latent[:, 0]).float().cpu()
+
+    out = map_dataset(features, dataset, world, batch_size, num_workers)
     encoder.train(was_training)
-    return torch.cat(features), torch.cat(labels)
+    return out
 
 
 def knn_features(encoder: torch.nn.Module, tokenizer: Tokenizer, datasets: list[Dataset], device: torch.device,
                  autocast=contextlib.nullcontext, pool: str = "avg", batch_size: int = 256,
-                 num_workers: int = 0) -> list[tuple[Tensor, Tensor]]:
+                 num_workers: int = 0, world: World = World()) -> list[tuple[Tensor, Tensor]]:
     """The k-NN protocol's features (the `knn` task and the pretraining monitor): `encode_dataset` of each
     dataset under `autocast`, pool as recipes name it ("avg": mean of the patch tokens, "cls").
     Returns one ([N, D] float32 features, [N] labels) pair per dataset; consumes no global RNG."""
-    encode = dict(batch_size=batch_size, pool={"avg": "mean", "cls": "cls"}[pool], num_workers=num_workers)
+    encode = dict(batch_size=batch_size, pool={"avg": "mean", "cls": "cls"}[pool], num_workers=num_workers,
+                  world=world)
     with autocast():
         return [encode_dataset(encoder, tokenizer, dataset, device, **encode) for dataset in datasets]
 

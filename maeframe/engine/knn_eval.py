@@ -1,6 +1,8 @@
 """The k-NN protocol: features of the training set (without augmentation) and of the eval set from the
 frozen encoder, then cosine-similarity k-NN with exp(s / T)-weighted votes (k = 20, T = 0.07), top-1/top-5,
-per-class accuracy and the confusion matrix. Nothing is trained; the run writes results.json."""
+per-class accuracy and the confusion matrix. Nothing is trained; the run writes results.json. Under
+torchrun every rank encodes its share of the bank and the queries and gathers the rest, so a large bank is
+not encoded on rank 0 alone and the result equals one process's."""
 from __future__ import annotations
 
 import time
@@ -14,22 +16,14 @@ from ..build import Prepared, build_dataset
 from ..model.vit import Encoder
 from ..recipe import dump_recipe
 from ..errors import MaeframeError
+from .distributed import barrier, map_dataset, shutdown_world
 from .downstream import dataset_classes, dataset_views, load_encoder, pretrained_encoder_state
-from .window import device_name
 from .heads import Classifier
 from .knn import knn_features, knn_scores
 from .metrics import classification_metrics, format_results, write_results
-from .runtime import seed_everything, select_runtime
-
-
-@torch.no_grad()
-def pixel_features(dataset, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """The raw-pixel baseline: each normalised input flattened."""
-    features, labels = [], []
-    for batch, label in torch.utils.data.DataLoader(dataset, batch_size=batch_size, generator=torch.Generator()):
-        features.append(batch.flatten(1).float())
-        labels.append(torch.as_tensor(label))
-    return torch.cat(features), torch.cat(labels)
+from .rundir import RunDirectory
+from .runtime import start_process
+from .window import device_name
 
 
 def build_encoder(prepared: Prepared, device: torch.device) -> Encoder:
@@ -48,38 +42,60 @@ def build_encoder(prepared: Prepared, device: torch.device) -> Encoder:
     return holder.encoder.to(device).eval().requires_grad_(False)
 
 
-def run_knn(prepared: Prepared) -> dict[str, Any]:
-    recipe = prepared.recipe
-    runtime = select_runtime(recipe.runtime)
-    seed_everything(recipe.seed)
-    bank_set = build_dataset(prepared, "train", augment=False)
-    eval_set = build_dataset(prepared, "eval")
-    if dataset_views(eval_set) > 1:
-        raise MaeframeError(f"data.eval: k-NN compares one feature per sample; the eval set gives "
-                            f"{dataset_views(eval_set)} views per sample (set its test_clips and test_crops to 1)")
-    knn = recipe.knn
-    encoder = build_encoder(prepared, runtime.device) if knn.features == "encoder" else None
-    run_dir = Path(recipe.runtime.output_dir) / recipe.name  # written only once everything is built
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
-    start = time.perf_counter()
-    if encoder is None:
-        bank, bank_labels = pixel_features(bank_set, recipe.data.batch_size)
-        queries, labels = pixel_features(eval_set, recipe.data.batch_size)
-    else:
-        (bank, bank_labels), (queries, labels) = knn_features(
-            encoder, prepared.components.tokenizer, [bank_set, eval_set], runtime.device, runtime.autocast,
-            knn.pool, recipe.data.batch_size, recipe.data.num_workers)
-    classes = dataset_classes(None, bank_set, torch.cat([bank_labels, labels]))
-    scores = knn_scores(bank.float(), bank_labels, queries.float(), knn.k, knn.temperature, len(classes))
-    final = classification_metrics(scores, labels, classes, details=True)
-    results: dict[str, Any] = {
-        "task": "knn", "name": recipe.name, "seed": recipe.seed, "init": recipe.init.model_dump(mode="json"),
-        "pool": knn.pool, "features": knn.features, "k": knn.k, "temperature": knn.temperature, "complete": True,
-        "dataset": {"train": len(bank_set), "eval": len(eval_set), "num_classes": len(classes)},
-        "feature_dim": bank.shape[1], "seconds": round(time.perf_counter() - start, 2), "final": final,
-        "maeframe": __version__, "device": device_name(runtime.device),
-    }
-    results["path"] = str(write_results(run_dir, results, classes))
-    print(format_results(results))
-    return results
+class KnnTask:
+    """A `task: knn` run. `train()` (the dispatcher's verb; nothing is trained) extracts the bank's and the
+    queries' features, each rank its share (gathered on every rank), votes, and rank 0 writes results.json.
+    The run directory is guarded as every task's is: an existing run is never overwritten."""
+
+    def __init__(self, prepared: Prepared, resume: bool = False):
+        if resume:
+            raise MaeframeError("--resume: a knn run trains nothing; run it again under another name")
+        self.prepared = prepared
+        recipe = prepared.recipe
+        self.world, self.runtime = start_process(recipe.runtime, recipe.seed)
+        self.bank_set = build_dataset(prepared, "train", augment=False)
+        self.eval_set = build_dataset(prepared, "eval")
+        if dataset_views(self.eval_set) > 1:
+            raise MaeframeError(f"data.eval: k-NN compares one feature per sample; the eval set gives "
+                                f"{dataset_views(self.eval_set)} views per sample (set its test_clips and "
+                                f"test_crops to 1)")
+        self.encoder = build_encoder(prepared, self.runtime.device) if recipe.knn.features == "encoder" else None
+        # checked and created only once everything is built
+        self.run_dir = RunDirectory(Path(recipe.runtime.output_dir) / recipe.name, False, self.world.is_main)
+        barrier(self.world)
+
+    def features(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """[(bank features, labels), (query features, labels)], all rows on every rank."""
+        recipe, runtime = self.prepared.recipe, self.runtime
+        datasets = [self.bank_set, self.eval_set]
+        if self.encoder is None:  # the raw-pixel baseline: each normalised input flattened
+            flat = lambda batch: batch.flatten(1).float()  # noqa: E731
+            return [map_dataset(flat, dataset, self.world, recipe.data.batch_size, recipe.data.num_workers)
+                    for dataset in datasets]
+        return knn_features(self.encoder, self.prepared.components.tokenizer, datasets, runtime.device,
+                            runtime.autocast, recipe.knn.pool, recipe.data.batch_size, recipe.data.num_workers,
+                            self.world)
+
+    def train(self) -> dict[str, Any]:
+        recipe, knn = self.prepared.recipe, self.prepared.recipe.knn
+        if self.world.is_main:
+            self.run_dir.write_text("recipe.yaml", dump_recipe(recipe))
+        start = time.perf_counter()
+        (bank, bank_labels), (queries, labels) = self.features()
+        classes = dataset_classes(None, self.bank_set, torch.cat([bank_labels, labels]))
+        scores = knn_scores(bank.float(), bank_labels, queries.float(), knn.k, knn.temperature, len(classes))
+        final = classification_metrics(scores, labels, classes, details=True)
+        results: dict[str, Any] = {
+            "task": "knn", "name": recipe.name, "seed": recipe.seed, "init": recipe.init.model_dump(mode="json"),
+            "pool": knn.pool, "features": knn.features, "k": knn.k, "temperature": knn.temperature,
+            "complete": True, "world_size": self.world.world_size,
+            "dataset": {"train": len(self.bank_set), "eval": len(self.eval_set), "num_classes": len(classes)},
+            "feature_dim": bank.shape[1], "seconds": round(time.perf_counter() - start, 2), "final": final,
+            "maeframe": __version__, "device": device_name(self.runtime.device),
+        }
+        if self.world.is_main:
+            results["path"] = str(write_results(self.run_dir.path, results, classes))
+            print(format_results(results))
+        barrier(self.world)
+        shutdown_world(self.world)
+        return results

@@ -1,7 +1,9 @@
 """Linear probing (MAE's protocol): the pretrained encoder frozen (no gradients, always in eval mode), the
 cls token (or avg pooling) fed through BatchNorm1d(affine=False) into a linear layer, trained with LARS at
 lr = base_lr (0.1) × effective batch / 256, no weight decay, warmup + cosine. The data pipeline is the
-dataset's own training augmentation (RandomResizedCrop + flip): no RandAugment, mixup or erasing.
+dataset's own training augmentation (RandomResizedCrop + flip): no RandAugment, mixup or erasing. Under
+torchrun the BatchNorm normalises with the statistics of the global batch (`GlobalBatchNorm1d`), so N
+processes train the head exactly as one process with the N× batch.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ def build_lars(model: nn.Module, weight_decay: float, momentum: float, lr: float
 
 
 class LinearProbe(FineTuner):
-    """A `task: linprobe` run: `FineTuner`'s loop, resume and results with a frozen encoder and LARS."""
+    """A `task: linprobe` run: `FineTuner`'s evaluation, resume and results with a frozen encoder and LARS."""
 
     bn_head = True
     default_head_std = 0.01
@@ -37,9 +39,9 @@ class LinearProbe(FineTuner):
         model.freeze_encoder()
         return model
 
-    def build_optimizer(self) -> torch.optim.Optimizer:
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         optim = self.recipe.optim
-        return build_lars(self.model, optim.weight_decay, optim.momentum, self.lr)
+        return build_lars(model, optim.weight_decay, optim.momentum, self.lr)
 
     def build_criterion(self):
         return None, nn.BCEWithLogitsLoss() if self.multi_label else nn.CrossEntropyLoss()

@@ -23,6 +23,7 @@ from ..build import Prepared, build_dataset
 from ..errors import MaeframeError
 from ..recipe import MonitorConfig
 from ..tokenizer import Tokenizer
+from .distributed import World
 from .downstream import dataset_classes
 from .knn import knn_features, knn_scores
 from .metrics import topk_accuracy
@@ -57,10 +58,12 @@ def _subset(dataset: Dataset, order: Tensor, count: int | None) -> Subset:
 
 
 class KnnMonitor:
-    """Built once per run (on the process that logs); `evaluate(encoder, tokenizer)` returns the metrics."""
+    """Built once per run on every process; `evaluate(encoder, tokenizer)` returns the metrics (each process
+    encodes its share of the bank and queries; all get every feature)."""
 
-    def __init__(self, prepared: Prepared, config: MonitorConfig, device: torch.device, autocast=contextlib.nullcontext):
-        self.config, self.device, self.autocast = config, device, autocast
+    def __init__(self, prepared: Prepared, config: MonitorConfig, device: torch.device, autocast=contextlib.nullcontext,
+                 world: World = World()):
+        self.config, self.device, self.autocast, self.world = config, device, autocast, world
         recipe = prepared.recipe
         self.batch_size = config.batch_size or recipe.data.batch_size
         with rng_isolated():
@@ -90,7 +93,7 @@ class KnnMonitor:
         with rng_isolated():
             (bank, bank_labels), (queries, labels) = knn_features(
                 encoder, tokenizer, [self.bank, self.queries], self.device, self.autocast, self.config.pool,
-                self.batch_size, self.config.num_workers)
+                self.batch_size, self.config.num_workers, self.world)
         classes = dataset_classes(None, self.bank.dataset, torch.cat([bank_labels, labels]))
         scores = knn_scores(bank, bank_labels, queries, self.config.k, self.config.temperature, len(classes))
         accuracy = {f"monitor/knn_{key}": value for key, value in topk_accuracy(scores, labels).items()}

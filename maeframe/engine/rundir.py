@@ -10,6 +10,7 @@ from ..errors import MaeframeError
 
 
 CHECKPOINT_SUFFIXES = (".pt", ".dcp")  # one file (ddp) or a DCP directory (fsdp)
+RUN_FILES = ("metrics.jsonl", "results.json")  # a directory holding one of these holds a run
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -36,14 +37,19 @@ class RunDirectory:
         self.path = Path(root)
         self.suffix = suffix
         self.last = self.path / f"last{suffix}"
+        self.best = self.path / f"best{suffix}"
         self.resume_from = latest_checkpoint(self.path)
         if resume and self.resume_from is None:
             raise MaeframeError(f"--resume: {self.last} does not exist (nor a checkpoint in the other format)")
-        if not resume and (self.resume_from is not None or (self.path / "metrics.jsonl").is_file()):
+        if not resume and (self.resume_from is not None or any((self.path / f).is_file() for f in RUN_FILES)):
             raise MaeframeError(f"{self.path} already holds a run; pass --resume to continue it, or set "
                                 f"another name (e.g. `name=other`)")
         if is_main:
             self.path.mkdir(parents=True, exist_ok=True)
+
+    def latest(self) -> Path | None:
+        """The checkpoint a resume would start from now, or None."""
+        return latest_checkpoint(self.path)
 
     def stale_lasts(self) -> list[Path]:
         """The `last` checkpoint of the other format (and a DCP one set aside), stale once this run has

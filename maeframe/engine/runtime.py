@@ -8,7 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import RecipeError
 from ..recipe import RuntimeConfig
+from .distributed import World, init_world
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -50,10 +52,20 @@ def compile_static(module: torch.nn.Module, mode: str = "default", backend: str 
     return torch.compile(module, mode=mode, dynamic=False, backend=backend)
 
 
+def start_process(config: RuntimeConfig, seed: int) -> tuple[World, Runtime]:
+    """Join torchrun's process group (a world of one without it), pick this process's device and precision,
+    and seed every global generator: the start of every task."""
+    wants_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    world = init_world("cuda" if wants_cuda else "cpu")
+    runtime = select_runtime(config, world.local_rank)
+    seed_everything(seed)
+    return world, runtime
+
+
 def select_runtime(config: RuntimeConfig, local_rank: int = 0) -> Runtime:
     """The device (this process's GPU under torchrun) and the precision a recipe asks for."""
     if config.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("runtime.device is 'cuda' but no CUDA device is available")
+        raise RecipeError([("runtime.device", "is 'cuda' but torch sees no CUDA device here (set auto or cpu)")])
     if config.threads:
         torch.set_num_threads(config.threads)
     use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())

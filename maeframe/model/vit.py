@@ -8,6 +8,7 @@ from timm.models import checkpoint_seq
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from .drop_path import use_row_drop_path
 from .pos_embed import sincos_pos_embed
 from .windowed import make_windowed_blocks
 
@@ -28,10 +29,13 @@ def run_blocks(blocks: nn.Sequential, x: Tensor, recompute: bool) -> Tensor:
 
 
 def make_blocks(dim: int, depth: int, heads: int, mlp_ratio: float, drop_path: float = 0.0) -> nn.Sequential:
+    """timm blocks whose stochastic depth rises linearly to `drop_path`, drawn per global sample (RowDropPath)."""
     rates = torch.linspace(0, drop_path, depth).tolist()
-    return nn.Sequential(*[
+    blocks = nn.Sequential(*[
         Block(dim, heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm, drop_path=rate) for rate in rates
     ])
+    use_row_drop_path(blocks)
+    return blocks
 
 
 class Encoder(nn.Module):
