@@ -15,7 +15,8 @@ from maeframe.build import build_dataset, prepare
 from maeframe.engine.augment import BatchMixup
 from maeframe.engine.checkpoint import load_checkpoint
 from maeframe.engine.data import SeededDataset
-from maeframe.engine.downstream import merge_views, predict, run_downstream
+from maeframe.engine.downstream import merge_views, predict
+from maeframe.engine.run import run_task
 from maeframe.engine.finetune import FineTuner
 from maeframe.engine.heads import Classifier
 from maeframe.engine.pretrain import Pretrainer

@@ -95,9 +95,9 @@ class FineTuner(Trainer):
 
     def build_step(self) -> ClassifierStep:
         model = self.build_model()
-        self.mixup, criterion = self.build_criterion()
+        self.mixup, self.criterion = self.build_criterion()
         ema = getattr(self.recipe, "ema", None)
-        step = ClassifierStep(model, self, criterion, self.mixup, ema.decay if ema is not None else None)
+        step = ClassifierStep(model, self, self.criterion, self.mixup, ema.decay if ema is not None else None)
         self.ema = step.ema
         return step
 
