@@ -314,7 +314,7 @@ class _DownstreamRecipe(Strict):
 # runtime fields a downstream task has no use for: refused when set, never silently ignored
 _PICTURES = ("visualize_interval", "visualize_samples")
 UNUSED_RUNTIME_FIELDS = {
-    "finetune": _PICTURES, "linprobe": _PICTURES,
+    "pretrain": (), "finetune": _PICTURES, "linprobe": _PICTURES,
     "knn": ("compile", "compile_mode", "log_interval", "checkpoint_interval", "checkpoint_every_steps",
             "keep_checkpoints", "nonfinite", "max_steps", *_PICTURES),
 }

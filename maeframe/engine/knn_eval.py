@@ -50,7 +50,7 @@ class KnnTask:
     def __init__(self, prepared: Prepared, resume: bool = False):
         if resume:
             raise MaeframeError("--resume: a knn run trains nothing; run it again under another name")
-        self.prepared = prepared
+        self.prepared, self.recipe = prepared, prepared.recipe
         recipe = prepared.recipe
         self.world, self.runtime = start_process(recipe.runtime, recipe.seed)
         self.bank_set = build_dataset(prepared, "train", augment=False)
