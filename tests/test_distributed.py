@@ -148,11 +148,13 @@ def test_fsdp_preemption_periodic_and_keep_k(tmp_path, single):
     assert load_checkpoint(run_dir / "checkpoint-epoch0002.dcp")["step"] == 8
 
 
-def test_fsdp_refuses_fp16_downstream_and_old_torch(tmp_path, monkeypatch):
+def test_fsdp_refuses_fp16_probes_ema_and_old_torch(tmp_path, monkeypatch):
     with pytest.raises(RecipeError, match="runtime.*fsdp runs in bf16 or fp32"):
         prepare(QUICKSTART, tiny(tmp_path, FSDP, "runtime.precision=fp16"))
-    with pytest.raises(RecipeError, match="runtime.strategy: downstream runs replicate"):
-        prepare(RECIPES / "finetune_fmnist.yaml", [FSDP])
+    with pytest.raises(RecipeError, match="runtime.strategy: a linprobe run keeps its frozen encoder whole"):
+        prepare(RECIPES / "linprobe_fmnist.yaml", [FSDP])
+    with pytest.raises(RecipeError, match="ema: an EMA copy of a sharded"):
+        prepare(RECIPES / "finetune_fmnist.yaml", [FSDP, "ema={decay: 0.99}"])
     from maeframe.engine import fsdp
 
     monkeypatch.setitem(sys.modules, "torch.distributed.fsdp", type(sys)("torch.distributed.fsdp"))  # torch<2.6

@@ -15,7 +15,7 @@ from maeframe.engine.checkpoint import load_checkpoint
 from maeframe.engine.data import SeededDataset
 from maeframe.engine.run import run_task
 from maeframe.engine.finetune import ClassifierStep, FineTuner
-from maeframe.engine.heads import Classifier, layer_id
+from maeframe.model.classifier import Classifier, layer_id
 from maeframe.engine.knn import knn_scores
 from maeframe.engine.linprobe import LinearProbe
 from maeframe.engine.metrics import (average_precision, confusion_matrix, mean_average_precision,
@@ -263,6 +263,17 @@ def test_knn_recipe_end_to_end_matches_a_direct_computation(tmp_path, pretrained
     assert pixels["feature_dim"] == 784
     saved = json.loads((tmp_path / "pixels" / "results.json").read_text())
     assert saved["final"]["top1"] == pixels["final"]["top1"] and saved["k"] == 5
+
+
+def test_knn_never_overwrites_an_existing_run(tmp_path, pretrained):
+    """Like every task: a second run under the same name is refused before anything is written."""
+    run_task(prepare(KNN, overrides(tmp_path, pretrained, train=False)))
+    results = (tmp_path / "knn_fmnist" / "results.json").read_text()
+    with pytest.raises(MaeframeError, match="already holds a run"):
+        run_task(prepare(KNN, overrides(tmp_path, pretrained, "knn.k=3", train=False)))
+    assert (tmp_path / "knn_fmnist" / "results.json").read_text() == results
+    with pytest.raises(MaeframeError, match="a knn run trains nothing"):
+        run_task(prepare(KNN, overrides(tmp_path, pretrained, train=False)), resume=True)
 
 
 def test_finetune_resume_is_exact(tmp_path, pretrained):

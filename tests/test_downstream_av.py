@@ -18,7 +18,7 @@ from maeframe.engine.data import SeededDataset
 from maeframe.engine.downstream import merge_views, predict
 from maeframe.engine.run import run_task
 from maeframe.engine.finetune import FineTuner
-from maeframe.engine.heads import Classifier
+from maeframe.model.classifier import Classifier
 from maeframe.engine.pretrain import Pretrainer
 from maeframe.errors import MaeframeError
 from maeframe.interop.export_classifier import load_classifier
@@ -148,7 +148,7 @@ def test_cutmix_on_video_pastes_one_box_on_every_frame():
     clips = torch.randn(4, 2, 5, 16, 16)
     labels = torch.tensor([0, 1, 2, 3])
     mixup = BatchMixup(mixup_alpha=0.0, cutmix_alpha=1.0, label_smoothing=0.0, num_classes=4)
-    mixed, targets = mixup(clips.clone(), labels)
+    mixed, targets = mixup(clips.clone(), labels, seed=3)
     changed = mixed != clips                                              # [B, C, T, H, W]
     assert changed.any()
     box = changed[0, 0, 0]
@@ -166,9 +166,27 @@ def test_mixup_of_multi_hot_targets():
     targets = torch.tensor([[1.0, 0, 1], [0, 1, 0]])
     mixup = BatchMixup(mixup_alpha=1.0, cutmix_alpha=0.0, label_smoothing=0.0, num_classes=3, multi_label=True)
     inputs = torch.randn(2, 1, 8, 8)
-    mixed, soft = mixup(inputs.clone(), targets)
+    mixed, soft = mixup(inputs.clone(), targets, seed=0)
     lam = ((mixed[0] - inputs[1]) / (inputs[0] - inputs[1])).mean().item()
     assert torch.allclose(soft, lam * targets + (1 - lam) * targets.flip(0), atol=1e-5)
+
+
+def test_mixing_draws_depend_on_the_seed_alone_and_pair_with_the_given_partners():
+    """What makes N processes mix as one: the draws are a function of the seed (not of the global RNG), and
+    each row mixes with the partner row it is given (its partner in the reversed global batch)."""
+    mixup = BatchMixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=4)
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    torch.manual_seed(1)
+    first = mixup(x, y, seed=7)
+    torch.manual_seed(2)
+    again = mixup(x, y, seed=7)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert any(not torch.equal(a, b) for a, b in zip(first, mixup(x, y, seed=8)))
+    # one process with 4 rows == two processes with 2 rows each, given their mirrored partners
+    whole = mixup(x, y, seed=5)
+    halves = [mixup(x[r], y[r], seed=5, partner=(x.flip(0)[r], y.flip(0)[r])) for r in (slice(0, 2), slice(2, 4))]
+    assert torch.equal(torch.cat([h[0] for h in halves]), whole[0])
+    assert torch.equal(torch.cat([h[1] for h in halves]), whole[1])
 
 
 def test_video_rand_augment_applies_the_same_ops_to_every_frame():

@@ -89,10 +89,14 @@ def test_skip_policy_finishes_the_run(nan_recipe, tmp_path):
     assert all(torch.isfinite(v).all() for v in load_checkpoint(tmp_path / "out" / "quickstart" / "last.pt")["model"].values())
 
 
-def test_stop_policy_names_the_step(nan_recipe, tmp_path):
-    with pytest.raises(NonFiniteError, match="non-finite loss or gradients at step 3"):
+def test_stop_policy_names_the_step_and_only_a_checkpoint_that_exists(nan_recipe, tmp_path):
+    with pytest.raises(NonFiniteError, match="non-finite loss or gradients at step 3") as stopped:
         Pretrainer(nan_recipe()).train()
     assert not (tmp_path / "out" / "quickstart" / "last.pt").exists()  # nothing after the bad step was saved
+    assert "no checkpoint was written yet" in str(stopped.value) and "last.pt" not in str(stopped.value)
+    # with a step checkpoint at step 2, the message names it and its step
+    with pytest.raises(NonFiniteError, match=r"the last checkpoint is .*last.pt \(step 2\)"):
+        Pretrainer(nan_recipe("runtime.checkpoint_every_steps=2", "name=again")).train()
 
 
 def test_a_non_finite_model_is_never_checkpointed(tmp_path):

@@ -232,7 +232,8 @@ def losses(out):
 def test_pretraining_runs_on_packed_data_with_device_augmentation(tmp_path, packed_fmnist, monkeypatch):
     seen = []
     real = Pretrainer._next
-    monkeypatch.setattr(Pretrainer, "_next", lambda self, batches, micro: seen.append(real(self, batches, micro)) or seen[-1])
+    monkeypatch.setattr(Pretrainer, "_next", lambda self, batches, micro: seen.append(real(self, batches, micro)[0])
+                        or (seen[-1], None))
     trainer = run(tmp_path, packed_fmnist)
     assert trainer.step == 8 and all(math.isfinite(x) for x in losses(tmp_path))
     assert len(seen) == 8 and all(b.dtype == torch.float32 and b.shape == (16, 1, 28, 28) for b in seen)

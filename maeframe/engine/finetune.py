@@ -29,7 +29,7 @@ from .data import MIXUP_STREAM, stream_seed
 from .distributed import mirrored_rows
 from .downstream import (dataset_classes, dataset_views, encoder_layout, load_encoder, predict,
                          pretrained_encoder_state, train_set_without_device_transform)
-from .heads import Classifier
+from ..model.classifier import Classifier
 from .loop import Trainer
 from .metrics import classification_metrics, format_results, write_results
 from .rundir import MetricsLog

@@ -18,7 +18,7 @@ from ..recipe import dump_recipe
 from ..errors import MaeframeError
 from .distributed import barrier, map_dataset, shutdown_world
 from .downstream import dataset_classes, dataset_views, load_encoder, pretrained_encoder_state
-from .heads import Classifier
+from ..model.classifier import Classifier
 from .knn import knn_features, knn_scores
 from .metrics import classification_metrics, format_results, write_results
 from .rundir import RunDirectory

@@ -13,7 +13,7 @@ from torch import nn
 
 from .downstream import train_set_without_device_transform
 from .finetune import FineTuner
-from .heads import Classifier
+from ..model.classifier import Classifier
 
 
 def build_lars(model: nn.Module, weight_decay: float, momentum: float, lr: float) -> Lars:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..engine.checkpoint import load_checkpoint
-from ..engine.heads import Classifier, ImageClassifier
+from ..model.classifier import Classifier, ImageClassifier
 from ..engine.downstream import encoder_layout
 from .official_mae import InteropError
 

@@ -10,7 +10,7 @@ Pretraining checkpoints prefix these with `encoder.` and add `encoder_to_decoder
 `decoder.*` (dropped). VideoMAE has no cls token and adds a fixed 1-D sinusoid table over the token
 index (`videomae_positions`), not stored in the checkpoint; tokens are numbered (time, row, column) as
 maeframe's `video_tube` grid. The converted encoder therefore runs with layout "videomae" (no cls token,
-that table instead of the 3-D sin-cos), see `maeframe.engine.heads.Classifier`.
+that table instead of the 3-D sin-cos), see `maeframe.model.classifier.Classifier`.
 
 AudioMAE (facebookresearch/AudioMAE `models_mae.py` / `models_vit.py`) keeps the image MAE layout:
 `patch_embed.proj.weight` [D, 1, pt, pf] is a Conv2d over the [1, T, F] fbank (time as height), and

@@ -22,7 +22,7 @@ from torch.distributed.nn.functional import all_reduce
 
 from ..errors import MaeframeError
 from ..interop.official_av import videomae_positions
-from ..model.vit import Encoder, LayerNorm
+from .vit import Encoder, LayerNorm
 from ..recipe import EncoderConfig
 from ..tokenizer import TokenSpec
 
