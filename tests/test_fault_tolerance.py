@@ -161,3 +161,49 @@ def test_too_many_corrupt_files_stop_the_run(tmp_path):
     image_tree(tmp_path / "data", good=40, bad=24)
     with pytest.raises(MaeframeError, match="sample reads failed.*data.max_bad_fraction=0.01"):
         Pretrainer(folder_recipe(tmp_path, tmp_path / "data")).train()
+
+
+def truncated_png(path):
+    Image.new("L", (28, 28), 3).save(path)
+    path.write_bytes(path.read_bytes()[:40])
+
+
+def test_a_whole_damaged_class_folder_is_skipped_and_counted(tmp_path, caplog):
+    """An interrupted copy: one class folder of ten (10 % of the data) holds only truncated files. Folder
+    datasets list files class by class, so the bad files form one run of 16 indices."""
+    root = tmp_path / "data"
+    for c in range(10):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(16):
+            if c == 4:
+                truncated_png(root / f"class{c}" / f"{i:03d}.png")
+            else:
+                Image.new("L", (28, 28), 10 * c + i).save(root / f"class{c}" / f"{i:03d}.png")
+    trainer = Pretrainer(folder_recipe(tmp_path, root, "data.max_bad_fraction=0.2",
+                                       "optim.epochs=1", "optim.warmup_epochs=0"))
+    with caplog.at_level("WARNING", logger="maeframe.data"):
+        trainer.train()
+    lines = metrics(tmp_path / "out" / "quickstart")
+    assert lines[-1]["step"] == 10 and 16 <= lines[-1]["bad_samples"] < 32  # every bad file, each read once or twice
+    assert all(f"class4/{i:03d}.png" in caplog.text for i in range(16))
+
+
+def test_one_bad_file_in_the_first_batch_does_not_stop_a_run_within_the_limit(tmp_path):
+    """1 unreadable image of 150 (0.7 %, under data.max_bad_fraction=0.01), placed where the first batch reads
+    it: the limit is judged over an epoch's reads until more have been made, as `maeframe pack` judges the
+    folder, which accepts it too."""
+    from maeframe.engine.data import sample_seed
+
+    first = torch.randperm(150, generator=torch.Generator().manual_seed(sample_seed(0, 0, -1)))[0].item()
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    for i in range(150):
+        path = tmp_path / "data" / "a" / f"{i:03d}.png"
+        truncated_png(path) if i == first else Image.new("L", (28, 28), i).save(path)
+    trainer = Pretrainer(folder_recipe(tmp_path, tmp_path / "data", 
+                                       "data.batch_size=32", "optim.epochs=1", "optim.warmup_epochs=0",
+                                       "data.max_bad_fraction=0.01"))
+    trainer.train()
+    assert metrics(tmp_path / "out" / "quickstart")[0]["bad_samples"] == 1 and trainer.step == 4
+    packed = subprocess.run([sys.executable, "-m", "maeframe", "pack", str(tmp_path / "data"), str(tmp_path / "packed"),
+                             "--size", "28", "--channels", "1", "--max-bad-fraction", "0.01"], capture_output=True, text=True)
+    assert packed.returncode == 0 and "1 unreadable skipped" in packed.stdout, packed.stderr

@@ -15,7 +15,7 @@ from ..errors import RecipeError
 from ..recipe import DataConfig
 
 log = logging.getLogger("maeframe.data")
-MAX_RETRIES = 16
+MAX_TRIES = 64  # reads of one item: its sample, then random replacements (at 50 % unreadable: 1 in 2**64 fail)
 
 
 def sample_seed(seed: int, epoch: int, position: int) -> int:
@@ -70,7 +70,9 @@ class SeededDataset(Dataset):
     disturbing the caller's RNG (so masking draws in the main process are unaffected).
 
     A sample that fails to load (corrupt, truncated, empty, unreadable file) is logged with its path (once
-    per loader process) and replaced by the next index; items are (sample, label, failed reads for it).
+    per loader process) and replaced by another sample drawn at random from the whole dataset (a function
+    of the sample's seed, so exact on resume): a whole damaged folder, listed in one run of indices, costs
+    one replacement per bad file, not a chain of neighbours. Items are (sample, label, failed reads for it).
     """
 
     def __init__(self, dataset: Dataset):
@@ -82,19 +84,23 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, item: tuple[int, int]):
         index, seed = item
-        for skipped in range(MAX_RETRIES):
-            candidate = (index + skipped) % len(self.dataset)
+        candidate = index
+        replacements = torch.Generator().manual_seed(sample_seed(seed, 1, 1))  # apart from the augmentation seed
+        for failed in range(MAX_TRIES):
             try:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(seed)
                     sample, label = self.dataset[candidate]
-                return sample, label, skipped
+                return sample, label, failed
             except Exception as err:  # any failure of one sample is that sample's problem
                 if candidate not in self.reported:
                     self.reported.add(candidate)
                     where = self.dataset.describe(candidate) if hasattr(self.dataset, "describe") else candidate
                     log.warning("skipping unreadable sample %s: %s: %s", where, type(err).__name__, err)
-        raise RuntimeError(f"{MAX_RETRIES} consecutive samples from index {index} failed to load; see the warnings")
+            step = 1 + int(torch.randint(max(len(self.dataset) - 1, 1), (), generator=replacements))
+            candidate = (candidate + step) % len(self.dataset)  # any other sample, never the one that failed
+        raise RuntimeError(f"{MAX_TRIES} samples drawn at random in a row failed to load (from index {index}): "
+                           f"almost nothing in this dataset is readable; see the warnings")
 
 
 def make_loader(dataset: Dataset, config: DataConfig, sampler: ResumableBatchSampler, pin_memory: bool) -> DataLoader:

@@ -61,10 +61,14 @@ class NonFiniteError(MaeframeError):
 
 class SampleCount:
     """Sample reads of a run and how many failed (`SeededDataset` skips unreadable files and reports them
-    per sample); above `max_bad_fraction` of the reads the run stops with a clear error."""
+    per sample). The run stops once the failed reads exceed `max_bad_fraction` of the reads so far, or of
+    one epoch's reads (`epoch_reads`, this process's share of the dataset) while fewer have been made: an
+    early unlucky batch cannot stop a run whose dataset is within the limit (1 bad file in 800 read in the
+    first batch of 32), and a dataset far over it still stops within its first epoch, as `maeframe pack`
+    judges the whole dataset."""
 
-    def __init__(self, max_bad_fraction: float):
-        self.limit = max_bad_fraction
+    def __init__(self, max_bad_fraction: float, epoch_reads: int = 0):
+        self.limit, self.epoch_reads = max_bad_fraction, epoch_reads
         self.seen = self.bad = 0
 
     def add(self, batch_size: int, failed: Tensor) -> None:
@@ -72,9 +76,10 @@ class SampleCount:
         bad = int(failed.sum())
         self.bad += bad
         self.seen += batch_size + bad
-        if self.bad > self.limit * self.seen:
+        if self.bad > self.limit * max(self.seen, self.epoch_reads):
             raise MaeframeError(f"{self.bad} of {self.seen} sample reads failed (more than "
-                                f"data.max_bad_fraction={self.limit}); see the warnings for their paths")
+                                f"data.max_bad_fraction={self.limit} of {max(self.seen, self.epoch_reads)}); "
+                                f"see the warnings for their paths")
 
     def state_dict(self) -> Tensor:
         return torch.tensor([self.seen, self.bad])
@@ -131,7 +136,7 @@ class Trainer:
         self.model, self.optimizer = self.train_step.model, self.train_step.optimizer
         self.sharded = self.train_step.sharded
         self.step = 0
-        self.samples = SampleCount(data.max_bad_fraction)
+        self.samples = SampleCount(data.max_bad_fraction, len(self.dataset) // self.world_size)
         self.signals = PreemptionSignals()
 
         self.run_dir = RunDirectory(Path(recipe.runtime.output_dir) / recipe.name, resume, self.world.is_main,
@@ -196,22 +201,24 @@ class Trainer:
                 self.sampler.start(epoch, (self.step % self.steps_per_epoch) * accum)
                 batches = iter(self.loader)
                 epoch_end = min((epoch + 1) * self.steps_per_epoch, stop_at)
-                while self.step < epoch_end:
-                    waited = time.perf_counter()
-                    micro = [self._next(batches, i) for i in range(accum)]
-                    window.data_wait += time.perf_counter() - waited
-                    window.add(self.train_step(self.step, micro))
-                    self.step += 1
-                    bar.update(1)
-                    at_log = self.step % runtime.log_interval == 0 or self.step == stop_at
-                    if at_log:
-                        last = self._log(window.flush(self.effective_batch), log, bar)
-                    if runtime.checkpoint_every_steps and self.step % runtime.checkpoint_every_steps == 0:
-                        self.save(self.run_dir.last)
-                    if self._preempted(every_step=not self.world.distributed or at_log):
-                        self.save(self.run_dir.last)
-                        raise Preempted(self.signals.received, self.step, self.run_dir.last)
-                del batches
+                try:
+                    while self.step < epoch_end:
+                        waited = time.perf_counter()
+                        micro = [self._next(batches, i) for i in range(accum)]
+                        window.data_wait += time.perf_counter() - waited
+                        window.add(self.train_step(self.step, micro))
+                        self.step += 1
+                        bar.update(1)
+                        at_log = self.step % runtime.log_interval == 0 or self.step == stop_at
+                        if at_log:
+                            last = self._log(window.flush(self.effective_batch), log, bar)
+                        if runtime.checkpoint_every_steps and self.step % runtime.checkpoint_every_steps == 0:
+                            self.save(self.run_dir.last)
+                        if self._preempted(every_step=not self.world.distributed or at_log):
+                            self.save(self.run_dir.last)
+                            raise Preempted(self.signals.received, self.step, self.run_dir.last)
+                finally:
+                    del batches  # stops the loader workers now, also when the run stops on an error
                 if self.step % self.steps_per_epoch == 0:
                     self._end_epoch(self.step // self.steps_per_epoch, last, log)
             if self.step % self.steps_per_epoch or not self.run_dir.last.exists():
