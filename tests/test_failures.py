@@ -17,7 +17,9 @@ from PIL import Image
 import maeframe
 from maeframe.build import build_dataset, check_data, prepare
 from maeframe.cli import main
+from maeframe.engine.checkpoint import FORMAT, atomic_save, load_checkpoint
 from maeframe.errors import RecipeError
+from maeframe.model import MaskedAutoencoder
 from maeframe.recipe import SEED_RANGE, load_recipe
 from maeframe_plugins.audio_data import AUDIO_EXTENSIONS, SOUNDFILE_SUFFIXES
 from conftest import QUICKSTART, RECIPES, ROOT, tiny
@@ -309,9 +311,6 @@ def test_a_dataset_root_that_does_not_exist(tmp_path, capsys, tree):
 def test_export_prints_a_timm_call_that_builds_the_tiny_encoder(tmp_path, capsys):
     """The tiny quickstart encoder (28², patches of 4, 1 channel, width 32, depth 1, 2 heads) exported under a
     standard timm name: the printed `timm.create_model(...)` runs as printed and gives the encoder's features."""
-    from maeframe.engine.checkpoint import load_checkpoint
-    from maeframe.model import MaskedAutoencoder
-
     overrides = tiny(tmp_path / "runs", "optim.epochs=1", "runtime.max_steps=1")
     assert main(["run", str(QUICKSTART), *overrides]) == 0
     checkpoint = tmp_path / "runs" / "quickstart" / "last.pt"
@@ -335,15 +334,9 @@ def test_export_prints_a_timm_call_that_builds_the_tiny_encoder(tmp_path, capsys
 
 
 def test_export_refuses_a_timm_model_that_cannot_hold_the_encoder(tmp_path, capsys):
-    from maeframe.engine.checkpoint import atomic_save
-
     prepared = prepare(QUICKSTART, tiny(tmp_path))
-    from maeframe.model import MaskedAutoencoder
-
     model = MaskedAutoencoder(prepared.components.tokenizer.spec, prepared.components.target.out_dim,
                               prepared.recipe.model)
-    from maeframe.engine.checkpoint import FORMAT
-
     atomic_save({"format": FORMAT, "step": 0, "model": model.state_dict(),
                  "recipe": prepared.recipe.model_dump(mode="json")}, tmp_path / "last.pt")
     code = main(["export", str(tmp_path / "last.pt"), str(tmp_path / "x.safetensors"), "--timm-name", "resnet18"])
