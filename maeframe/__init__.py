@@ -1,20 +1,43 @@
 """maeframe: masked-autoencoder pretraining for images, video and audio, extended through plugins.
 
 The public plugin API is what this module exports: the component bases, the records passed between
-stages, and `hookimpl`.
+stages, and `hookimpl`. The names that need torch are imported on first use (PEP 562), so that the CLI
+can parse its arguments and print `--help` without importing torch.
 """
-from .component import Component, Options
-from .dataset import Dataset
-from .errors import MaeframeError, PluginError, RecipeError
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from .errors import MaeframeError, OptionError, PluginError, RecipeError
 from .hookspecs import hookimpl
-from .loss import Loss, Prediction, masked_mean
-from .masker import Mask, Masker, visible_count
-from .target import Target, TargetOut
-from .tokenizer import Tokenizer, Tokens, TokenSpec, as_pair
+
+if TYPE_CHECKING:  # what type checkers and editors see; at run time `__getattr__` imports these on first use
+    from .component import Component, Options
+    from .dataset import Dataset
+    from .loss import Loss, Prediction, masked_mean
+    from .masker import Mask, Masker, visible_count
+    from .target import Target, TargetOut
+    from .tokenizer import Tokenizer, Tokens, TokenSpec, as_pair
 
 __version__ = "0.1.0"
-__all__ = [
-    "Component", "Options", "Dataset", "Loss", "Prediction", "masked_mean", "Mask", "Masker", "visible_count",
-    "Target", "TargetOut", "Tokenizer", "Tokens", "TokenSpec", "as_pair", "hookimpl", "MaeframeError", "PluginError",
-    "RecipeError",
-]
+
+_LAZY = {  # public name -> submodule defining it (each imports torch)
+    "Component": "component", "Options": "component", "Dataset": "dataset", "Loss": "loss",
+    "Prediction": "loss", "masked_mean": "loss", "Mask": "masker", "Masker": "masker",
+    "visible_count": "masker", "Target": "target", "TargetOut": "target", "Tokenizer": "tokenizer",
+    "Tokens": "tokenizer", "TokenSpec": "tokenizer", "as_pair": "tokenizer",
+}
+__all__ = [*_LAZY, "hookimpl", "MaeframeError", "OptionError", "PluginError", "RecipeError"]
+
+
+def __getattr__(name: str) -> object:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'maeframe' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -1,19 +1,22 @@
 """From a recipe file to validated, constructed components (used by `validate` and by every engine)."""
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pluggy
 
 from .component import Component
 from .dataset import Dataset
-from .errors import RecipeError
+from .errors import OptionError, RecipeError
 from .loss import Loss
 from .masker import Masker
 from .model.windowed import resolve_window
 from .plugins import make_plugin_manager
-from .recipe import RECIPE_TYPES, AnyRecipe, load_recipe, resolve_options
+from .recipe import RECIPE_TYPES, SEED_RANGE, AnyRecipe, ComponentRef, RuntimeConfig, load_recipe, resolve_options
 from .registry import Registry
 from .target import Target
 from .tokenizer import Tokenizer
@@ -41,11 +44,15 @@ class Prepared:
     pm: pluggy.PluginManager
     registry: Registry
     components: Components
+    source: str = "recipe"  # the recipe file, named in errors found later (datasets, check_data)
 
 
 def _construct(path: str, factory, *args):
+    """factory(*args); its ValueError/TypeError as a RecipeError at `path` (an OptionError at the option)."""
     try:
         return factory(*args)
+    except OptionError as err:
+        raise RecipeError([(f"{path}.options.{err.field}", err.message)]) from err
     except (ValueError, TypeError) as err:
         raise RecipeError([(path, f"{type(err).__name__}: {err}")]) from err
 
@@ -61,12 +68,15 @@ def prepare(recipe: AnyRecipe | str | Path, overrides: list[str] = ()) -> Prepar
     registry = Registry(pm)
     try:
         with registry.active():
-            return _prepare(recipe, pm, registry)
+            prepared = _prepare(recipe, pm, registry)
     except RecipeError as err:
         raise RecipeError(err.problems, source) from err
+    prepared.source = source
+    return prepared
 
 
 def _prepare(recipe: AnyRecipe, pm: pluggy.PluginManager, registry: Registry) -> Prepared:
+    _check_seed(recipe)
     options = resolve_options(recipe, registry)
     get = lambda kind, ref: registry.get(kind, ref.name).cls  # noqa: E731
     tokenizer = _construct("tokenizer", get("tokenizer", recipe.tokenizer), options["tokenizer"])
@@ -79,6 +89,7 @@ def _prepare(recipe: AnyRecipe, pm: pluggy.PluginManager, registry: Registry) ->
         shift = model.decoder_window_shift or tuple(w // 2 for w in model.decoder_window)
         _construct("model.decoder_window", resolve_window, tokenizer.spec.grid, model.decoder_window, shift)
     masker = _construct("masker", get("masker", recipe.masker), options["masker"], tokenizer.spec)
+    _construct("masker", masker.check_counts)  # a hidden and a visible token on this grid, or the loss is NaN
     target = _construct("target", get("target", recipe.target), options["target"], tokenizer)
     names = [ref.name for ref in recipe.losses]
     labels = [name if names.count(name) == 1 else f"{name}.{i}" for i, name in enumerate(names)]
@@ -87,6 +98,14 @@ def _prepare(recipe: AnyRecipe, pm: pluggy.PluginManager, registry: Registry) ->
               for i, (label, ref) in enumerate(zip(labels, recipe.losses))]
     _run_validate_hook(pm, recipe)
     return Prepared(recipe, pm, registry, Components(tokenizer, masker, target, losses))
+
+
+def _check_seed(recipe: AnyRecipe) -> None:
+    """torch refuses seeds outside SEED_RANGE. The pretraining recipe's `Seed` type checks this when parsing;
+    this covers recipe classes that declare a plain int."""
+    low, high = SEED_RANGE
+    if not low <= recipe.seed <= high:
+        raise RecipeError([("seed", f"{recipe.seed} is outside the seeds torch accepts ({low} to {high})")])
 
 
 def _run_validate_hook(pm: pluggy.PluginManager, recipe: AnyRecipe) -> None:
@@ -109,7 +128,89 @@ def build_dataset(prepared: Prepared, split: str = "train", augment: bool | None
     try:
         return entry.cls(options, prepared.components.tokenizer.input_shape,
                          split == "train" if augment is None else augment)
-    except ValueError as err:
-        raise RecipeError([(path, str(err))]) from err
+    except (ValueError, OSError) as err:  # OSError: a root, list or file that is missing or unreadable
+        raise RecipeError([(_option_named_in(path, ref, str(err)), str(err))], prepared.source) from err
+
+
+def _option_named_in(path: str, ref: ComponentRef, message: str) -> str:
+    """`path.options.<name>` of the option whose value the message quotes as a path of its own (not inside
+    another word or path), e.g. a missing root; else `path`. The longest quoted value wins."""
+    quoted = [(len(text), name) for name, value in ref.options.items() if isinstance(value, str) and value
+              for text in {value, os.path.expanduser(value)}
+              if re.search(rf"(?<![\w/.-]){re.escape(text)}(?![\w.-])", message)]
+    return f"{path}.options.{max(quoted)[1]}" if quoted else path
+
+
+# --- checks of the machine and the data (`maeframe validate --data`) ------------------------------
+
+def check_data(prepared: Prepared) -> list[tuple[str, str]]:
+    """What a run needs beyond a valid recipe, checked before anything is written: the device exists, the
+    run directory can be created and written, every dataset builds (roots and files exist) and the training
+    set holds the samples of one optimizer step. Returns (field path, message) pairs, [] when all is well.
+
+    Builds the datasets as a run does (listing files, reading headers where the dataset plugin does), but
+    loads no batch, imports no model and creates nothing. `maeframe validate --data` prints these; a run's
+    entry point calls `require_data(prepared)` to stop with them before it writes anything."""
+    recipe = prepared.recipe
+    problems = _check_device(recipe.runtime) + _check_output_dir(recipe.runtime.output_dir, recipe.name)
+    sizes: dict[str, int] = {}
+    for split, path in (("train", "data.train"), ("eval", "data.eval")):
+        if split == "eval" and recipe.data.eval is None:
+            continue  # evaluation reuses the training data
+        try:
+            sizes[path] = len(build_dataset(prepared, split))
+        except RecipeError as err:
+            problems += err.problems
+    if "data.train" in sizes:
+        problems += _check_step_fits(recipe, sizes["data.train"])
+    return problems
+
+
+def require_data(prepared: Prepared) -> None:
+    """`check_data` as one RecipeError naming the recipe file and every problem (nothing when all is well)."""
+    problems = check_data(prepared)
+    if problems:
+        raise RecipeError(problems, prepared.source)
+
+
+def _check_device(runtime: RuntimeConfig) -> list[tuple[str, str]]:
+    if runtime.device != "cuda":
+        return []
+    import torch
+
+    if torch.cuda.is_available():
+        return []
+    return [("runtime.device", "'cuda', but torch sees no CUDA device on this machine (no GPU, no driver, or a "
+                               "CPU-only torch build); use auto (CUDA when available) or cpu")]
+
+
+def _check_output_dir(output_dir: str, name: str) -> list[tuple[str, str]]:
+    """The run directory <output_dir>/<name> exists as a directory or can be created, and is writable."""
+    run = Path(output_dir).expanduser() / name
+    existing = next((path for path in (run, *run.parents) if path.exists()), Path("."))  # the nearest that exists
+    if not existing.is_dir():
+        what = "runtime.output_dir" if existing != run else "name"
+        return [(what, f"{existing} exists and is a file, not a directory, so the run directory {run} cannot "
+                       f"be created; choose another runtime.output_dir{' or name' if what == 'name' else ''}")]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [("runtime.output_dir", f"{existing} is not writable by this user, so the run directory {run} "
+                                       f"cannot be {'written' if existing == run else 'created'}")]
+    return []
+
+
+def _check_step_fits(recipe: AnyRecipe, size: int) -> list[tuple[str, str]]:
+    """A training epoch has at least one full optimizer step (the sampler drops partial batches)."""
+    optim: Any = getattr(recipe, "optim", None)
+    if optim is None:  # k-NN: features are computed in batches of any size
+        return []
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    need = recipe.data.batch_size * optim.accum_steps * world
+    if size >= need:
+        return []
+    factors = f"data.batch_size {recipe.data.batch_size} × optim.accum_steps {optim.accum_steps}"
+    factors += f" × {world} processes" if world > 1 else ""
+    return [("data.batch_size", f"one optimizer step takes {factors} = {need} samples, but data.train "
+                                f"({recipe.data.train.name}) holds {size}: not one full step per epoch; lower "
+                                f"data.batch_size or optim.accum_steps")]
 
 

@@ -24,29 +24,35 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .build import prepare
+    """Check every recipe (one that fails does not stop the others); exit 2 when any failed."""
+    from .build import prepare, require_data
 
     failed = 0
     for path in args.recipes:
         try:
             prepared = prepare(path, args.overrides)
+            if args.data:
+                require_data(prepared)
         except MaeframeError as err:
-            print(err, file=sys.stderr)
+            named = str(err) if str(path) in str(err) else f"{path}: {err}"
+            print(f"error: {named}", file=sys.stderr)
             failed += 1
             continue
         spec = prepared.components.tokenizer.spec
-        print(f"{path}: ok ({prepared.recipe.name}: grid {spec.grid}, {spec.num_tokens} tokens of {spec.patch_dim})")
-    return 1 if failed else 0
+        checked = "; data, device and output directory checked" if args.data else ""
+        print(f"{path}: ok ({prepared.recipe.name}: grid {spec.grid}, {spec.num_tokens} tokens of "
+              f"{spec.patch_dim}{checked})")
+    return 2 if failed else 0
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
     from .plugins import make_plugin_manager, plugin_distribution
-    from .registry import Registry
+    from .registry import Registry, plural
 
     pm = make_plugin_manager(args.module)
     registry = Registry(pm)
     for kind, table in registry.entries.items():
-        print(f"{kind}{'es' if kind.endswith('s') else 's'}:")
+        print(f"{plural(kind)}:")
         for name, entry in sorted(table.items()):
             origin = plugin_distribution(pm, entry.plugin)
             print(f"  {name}  (plugin {entry.plugin}{', ' + origin if origin else ''}; "
@@ -60,9 +66,11 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .interop.timm_export import export_encoder
 
-    path, name = export_encoder(args.checkpoint, args.output, args.timm_name)
-    print(f"wrote {path}; load it with timm.create_model({name!r}, pretrained=True, num_classes=0, "
-          f"pretrained_cfg_overlay={{'file': {str(path)!r}}})")
+    export = export_encoder(args.checkpoint, args.output, args.timm_name)
+    guess = "" if export.heads_known else (" (num_heads is inferred: reference weights do not store it; use the "
+                                           "value the encoder was trained with)")
+    print(f"wrote {export.path}; build the encoder in timm with{guess}:")
+    print(export.create_model_call())
     return 0
 
 
@@ -165,10 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     validate = sub.add_parser("validate", help="check recipes without running them",
-                              description="Check recipes (schema, component options, plugins); write nothing.")
+                              description="Check recipes (encoding, YAML, schema, plugins, component options "
+                                          "on the token grid); with --data also the data, the device and the "
+                                          "output directory. Reads no sample and writes nothing; every recipe "
+                                          "is checked even when one fails (exit status 2).")
     validate.add_argument("recipes", nargs="+", help="YAML recipes")
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="override applied to every recipe (repeatable)")
+    validate.add_argument("--data", action="store_true",
+                          help="also build the datasets (roots and files exist, data.train holds one optimizer "
+                               "step of data.batch_size × optim.accum_steps samples), check that runtime.device "
+                               "exists and that <output_dir>/<name> can be created and written")
     validate.set_defaults(func=cmd_validate)
 
     plugins = sub.add_parser("plugins", help="list components by kind with plugin and options",

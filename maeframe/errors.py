@@ -17,3 +17,13 @@ class RecipeError(MaeframeError):
 
 class PluginError(MaeframeError):
     """A plugin failed to load or register, or a component name is unknown or duplicated."""
+
+
+class OptionError(ValueError):
+    """A component's constructor rejects one of its options for this recipe (e.g. a mask ratio that hides no
+    token of this grid). Reported at `<component field>.options.<field>`, e.g. `masker.options.ratio`."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}")

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .component import Component, Options
+from .errors import OptionError
 from .tokenizer import TokenSpec
 
 
@@ -71,3 +72,27 @@ class Masker(Component):
 
     @abstractmethod
     def __call__(self, batch_size: int, device: torch.device) -> Mask: ...
+
+    def visible_tokens(self) -> int | None:
+        """Tokens every mask keeps visible with the current options; None when not known in advance."""
+        return None
+
+    def check_counts(self, field: str = "ratio") -> None:
+        """Called once at validation, after construction: `OptionError` at `options.<field>` when the current
+        options keep every token of the grid visible (nothing to reconstruct: the loss over hidden tokens is
+        NaN) or none (nothing to encode). Maskers whose count several options or a schedule decide override
+        it; those whose `visible_tokens` is None are not checked."""
+        visible, total = self.visible_tokens(), self.spec.num_tokens
+        if visible is not None and not 0 < visible < total:
+            raise OptionError(field, hidden_count_problem(field, getattr(self.options, field, None), visible, total,
+                                                          self.spec.grid))
+
+
+def hidden_count_problem(field: str, value: object, visible: int, total: int, grid: tuple[int, ...]) -> str:
+    """The message for options that keep all `total` tokens of `grid` visible, or none."""
+    setting = f"{field} {value}" if value is not None else "these options"
+    if visible >= total:
+        return (f"{setting} hides none of the {total} tokens of grid {grid}: there is nothing to reconstruct "
+                f"(the loss over hidden tokens would be NaN); hide at least one token")
+    return (f"{setting} keeps none of the {total} tokens of grid {grid} visible: the encoder would see "
+            f"nothing; keep at least one token")

@@ -29,6 +29,11 @@ _ACTIVE: ContextVar[Registry | None] = ContextVar("maeframe_registry", default=N
 _NAME = re.compile(r"^[a-z][a-z0-9_.\-]*$")
 
 
+def plural(kind: str) -> str:
+    """'masker' -> 'maskers', 'loss' -> 'losses' (for messages and listings)."""
+    return f"{kind}es" if kind.endswith("s") else f"{kind}s"
+
+
 @dataclass(frozen=True)
 class Entry:
     """One registered component: its class and the plugin that registered it."""
@@ -77,7 +82,7 @@ class Registry:
         table = self.entries[kind]
         if name not in table:
             known = ", ".join(sorted(table)) or "none"
-            raise PluginError(f"unknown {kind} {name!r}; registered {kind}s: {known}")
+            raise PluginError(f"unknown {kind} {name!r}; registered {plural(kind)}: {known}")
         return table[name]
 
     @contextlib.contextmanager

@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import xml.etree.ElementTree as ElementTree
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,12 +47,36 @@ from torch import Tensor
 
 from maeframe import Dataset, Options, hookimpl
 
+from .folders import OUTSIDE_CLASSES, extension_reason, log_passed_over
+
 log = logging.getLogger("maeframe.audio")
 
 AUDIOSET_MEAN = -4.2677393  # AudioMAE / AST statistics of 128-bin fbank over AudioSet
 AUDIOSET_STD = 4.5689974
 DISPLAY_RANGE = (-16.0, 8.0)  # log-mel values drawn as 0 and 1 in pictures (floor log(eps) ≈ -15.9)
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
+# File suffixes of each libsndfile major format (`soundfile.available_formats()`). soundfile identifies a file
+# by its header, not its name; these select the files a folder dataset tries. Left out: RAW (no header: rate,
+# channels and sample type would have to be given), MAT4/MAT5 (.mat is mostly MATLAB data, not sound) and
+# MPC2K (.mpc is mostly Musepack, which libsndfile does not read).
+SOUNDFILE_SUFFIXES = {
+    "WAV": (".wav", ".wave"), "WAVEX": (".wav", ".wave"), "FLAC": (".flac",), "OGG": (".ogg", ".oga"), "MP3": (".mp3",),
+    "AIFF": (".aif", ".aiff", ".aifc"), "AU": (".au", ".snd"), "CAF": (".caf",), "W64": (".w64",),
+    "RF64": (".rf64",), "NIST": (".nist", ".sph"), "VOC": (".voc",), "IRCAM": (".sf", ".ircam"),
+    "AVR": (".avr",), "PAF": (".paf",), "SVX": (".svx", ".8svx"), "HTK": (".htk",), "PVF": (".pvf",),
+    "SD2": (".sd2",), "SDS": (".sds",), "XI": (".xi",), "WVE": (".wve",),
+}
+
+
+def decodable_suffixes() -> tuple[str, ...]:
+    """The suffixes of every format the installed libsndfile reads (Opus in Ogg when it has the codec)."""
+    formats = sf.available_formats()
+    suffixes = [suffix for name, found in SOUNDFILE_SUFFIXES.items() if name in formats for suffix in found]
+    if "OGG" in formats and "OPUS" in sf.available_subtypes("OGG"):
+        suffixes.append(".opus")
+    return tuple(dict.fromkeys(suffixes))
+
+
+AUDIO_EXTENSIONS = decodable_suffixes()
 KLETTRES_ROOT = "/usr/share/klettres"
 KLETTRES_HINT = "install it with `apt-get install klettres-data` (Debian/Ubuntu; `make data` does it)"
 
@@ -394,16 +419,27 @@ class AudioDataset(Dataset):
         return ((batch * self.scale + self.mean - low) / (high - low)).clamp(0, 1)
 
 
-def _audio_files(folder: Path, pattern: str, extensions: Sequence[str]) -> list[Path]:
-    suffixes = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
-    return sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in suffixes)
+ALL_FILES = "**/*"
+
+
+def _audio_files(folder: Path, pattern: str, suffixes: set[str], passed: Counter) -> list[Path]:
+    """The files below `folder` matching `pattern` with one of `suffixes`; the others are counted in `passed`
+    by reason (outside the pattern, or their extension)."""
+    matched = {p for p in folder.glob(pattern) if p.is_file()}
+    if pattern != ALL_FILES:
+        passed[f"outside the pattern {pattern!r}"] += sum(1 for p in folder.glob(ALL_FILES)
+                                                           if p.is_file() and p not in matched)
+    taken = sorted(p for p in matched if p.suffix.lower() in suffixes)
+    passed.update(extension_reason(p) for p in matched if p.suffix.lower() not in suffixes)
+    return taken
 
 
 class AudioFolderOptions(AudioOptions):
     root: str = Field(description="folder with one sub-folder of recordings per class: root/<class>/...")
-    pattern: str = Field("**/*", description="glob below each class folder selecting recordings "
-                                             "(e.g. alpha/* for klettres letters only)")
-    extensions: list[str] = Field(list(AUDIO_EXTENSIONS), description="file suffixes taken as recordings")
+    pattern: str = Field(ALL_FILES, description="glob below each class folder selecting recordings "
+                                                "(e.g. alpha/* for klettres letters only)")
+    extensions: list[str] = Field(list(AUDIO_EXTENSIONS), description="file suffixes taken as recordings (default: "
+                                  "every format the installed libsndfile reads, .opus included when it has Opus)")
     classes: list[str] | None = Field(None, description="class folders to use, in label order "
                                                         "(default: every folder holding recordings, sorted)")
 
@@ -418,16 +454,23 @@ class AudioFolderDataset(AudioDataset):
         root = Path(options.root).expanduser()
         if not root.is_dir():
             raise FileNotFoundError(f"audio_folder: root {str(root)!r} is not a directory")
-        folders = {p.name: _audio_files(p, options.pattern, options.extensions)
+        suffixes = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in options.extensions}
+        passed: Counter = Counter({OUTSIDE_CLASSES: sum(1 for p in root.iterdir() if p.is_file())})
+        folders = {p.name: _audio_files(p, options.pattern, suffixes, passed)
                    for p in sorted(root.iterdir()) if p.is_dir()}
         if options.classes is not None:
             missing = [c for c in options.classes if not folders.get(c)]
             if missing:
                 raise ValueError(f"audio_folder: classes without recordings under {root}: {missing}")
             self.classes = list(options.classes)
+            passed["in class folders not listed in `classes`"] += sum(
+                len(files) for name, files in folders.items() if name not in self.classes)
         else:
             self.classes = [name for name, files in folders.items() if files]
         self.items = [(path, label) for label, name in enumerate(self.classes) for path in folders[name]]
+        log_passed_over("audio_folder", root, passed, taken="the suffixes in the `extensions` option",
+                        chosen=(*(r for r in passed if r.startswith("outside the pattern")),
+                                "in class folders not listed in `classes`"))
         self._setup(f"audio_folder {root}")
 
 

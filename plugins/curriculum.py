@@ -7,7 +7,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, ValidationError, model_validator
 
-from maeframe import Mask, Masker, Options, PluginError, TokenSpec, hookimpl
+from maeframe import Mask, Masker, OptionError, Options, PluginError, TokenSpec, hookimpl
 from maeframe.registry import build
 
 
@@ -122,8 +122,8 @@ class CurriculumMasker(Masker):
         f = self.factor(t)
         return [a + (b - a) * f for a, b in zip(self.probs_start, self.probs_end)]
 
-    def _check_reachable_ratios(self, label: str, masker: Masker) -> None:
-        """Reject at construction a strategy whose options cannot take a ratio the schedule will reach."""
+    def reachable_ratios(self) -> list[float]:
+        """The ratios the schedule takes (every plateau of `step`, 101 points of a continuous shape)."""
         o = self.options
         if o.shape == "constant":
             fractions = [0.0]
@@ -131,15 +131,38 @@ class CurriculumMasker(Masker):
             fractions = [k / (o.steps - 1) for k in range(o.steps)]
         else:
             fractions = [k / 100 for k in range(101)]
+        return [o.start if f == 0 else o.end if f == 1 else o.start + (o.end - o.start) * f for f in fractions]
+
+    def _check_reachable_ratios(self, label: str, masker: Masker) -> None:
+        """Reject at construction a strategy whose options cannot take a ratio the schedule will reach."""
+        o = self.options
         current = masker.options.model_dump()
-        for f in fractions:
-            ratio = o.start if f == 0 else o.end if f == 1 else o.start + (o.end - o.start) * f
+        for ratio in self.reachable_ratios():
             try:
                 type(masker.options).model_validate({**current, "ratio": ratio})
             except ValidationError as err:
                 message = "; ".join(e["msg"] for e in err.errors())
                 raise ValueError(f"{label}: the {o.shape} schedule from {o.start} to {o.end} reaches ratio "
                                  f"{ratio:.4g}, which this masker rejects: {message}") from None
+
+    def check_counts(self, field: str = "start") -> None:
+        """Every ratio the schedule reaches must leave each strategy at least one hidden and one visible token
+        of the grid; `OptionError` at `start` or `end` (the nearer) otherwise."""
+        o, total = self.options, self.spec.num_tokens
+        try:
+            for i, masker in enumerate(self.maskers):
+                for ratio in self.reachable_ratios():
+                    masker.options.ratio = ratio
+                    visible = masker.visible_tokens()
+                    if visible is None or 0 < visible < total:
+                        continue
+                    what = "hides none" if visible >= total else "keeps none visible"
+                    raise OptionError("start" if abs(ratio - o.start) <= abs(ratio - o.end) else "end",
+                                      f"strategies[{i}] ({o.strategies[i].name}): the {o.shape} schedule from "
+                                      f"{o.start} to {o.end} reaches ratio {ratio:.4g}, which {what} of the {total} "
+                                      f"tokens of grid {self.spec.grid}; every step needs a hidden and a visible token")
+        finally:
+            self._apply_ratio()
 
     def _apply_ratio(self) -> None:
         for masker in self.maskers:

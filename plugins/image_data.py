@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,12 @@ from pydantic import Field
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 from torchvision import datasets
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.transforms import v2
 
 from maeframe import Dataset, Options, hookimpl
+
+from .folders import OUTSIDE_CLASSES, extension_reason, log_passed_over
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_HINT = ("install it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu; `make data` does it) "
@@ -85,7 +89,20 @@ class ImageFolderDataset(ImageDataset):
         root = Path(options.root).expanduser()
         if not root.is_dir():
             raise FileNotFoundError(f"image_folder: root {str(root)!r} is not a directory")
-        self.folder = datasets.ImageFolder(str(root))
+        passed = Counter({OUTSIDE_CLASSES: sum(1 for p in root.iterdir() if p.is_file())})
+
+        def is_image(path: str) -> bool:  # torchvision's rule, counting what it passes over
+            if has_file_allowed_extension(path, IMG_EXTENSIONS):
+                return True
+            passed[extension_reason(path)] += 1
+            return False
+
+        try:
+            self.folder = datasets.ImageFolder(str(root), is_valid_file=is_image)
+        except FileNotFoundError as err:  # no class folder, or one without images
+            raise ValueError(f"image_folder: {root}: {err} (extensions taken: {', '.join(IMG_EXTENSIONS)})") from None
+        finally:
+            log_passed_over("image_folder", root, passed, taken=", ".join(IMG_EXTENSIONS))
         self.classes = self.folder.classes
 
     def __len__(self) -> int:

@@ -16,6 +16,9 @@ class RandomMasker(Masker):
 
     Options = RandomOptions
 
+    def visible_tokens(self) -> int:
+        return visible_count(self.spec.num_tokens, self.options.ratio)
+
     def __call__(self, batch_size: int, device: torch.device) -> Mask:
         num_tokens = self.spec.num_tokens
         noise = torch.rand(batch_size, num_tokens, device=device)

@@ -18,7 +18,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 
-from maeframe import Mask, Masker, Options, TokenSpec, hookimpl, visible_count
+from maeframe import Mask, Masker, OptionError, Options, TokenSpec, hookimpl, visible_count
 
 
 def mask_from_hidden(hidden: Tensor, num_visible: int) -> Mask:
@@ -140,6 +140,9 @@ class BlockMasker(Masker):
             raise ValueError(f"min_block {options.min_block} is larger than the {self.height}×{self.width} "
                              f"token grid {spec.grid}")
 
+    def visible_tokens(self) -> int:
+        return self.frames * visible_count(self.height * self.width, self.options.ratio)
+
     def layout(self, batch_size: int, device: torch.device) -> Tensor:
         """The rectangles alone: [B, H, W] bool, at most the target count per sample (no random fill)."""
         o, hw = self.options, self.height * self.width
@@ -183,6 +186,10 @@ class TubeMasker(Masker):
         super().__init__(options, spec)
         if len(spec.grid) != 3:
             raise ValueError(f"tube masker needs a 3-D (T, H, W) token grid, got grid {spec.grid}")
+
+    def visible_tokens(self) -> int:
+        frames, height, width = self.spec.grid
+        return frames * visible_count(height * width, self.options.ratio)
 
     def __call__(self, batch_size: int, device: torch.device) -> Mask:
         frames, height, width = self.spec.grid
@@ -230,6 +237,9 @@ class RunningCellMasker(Masker):
         if height % 2 or width % 2:
             raise ValueError(f"running_cell masker tiles 2×2 cells: H and W of grid {spec.grid} must be even")
 
+    def visible_tokens(self) -> int:
+        return self.spec.num_tokens * (4 - round(4 * self.options.ratio)) // 4
+
     def pattern(self, offset: Tensor) -> Tensor:
         """offset [B] long in 0..3 -> hidden [B, T, H, W] bool."""
         frames, height, width = self.spec.grid
@@ -276,6 +286,20 @@ class TimeFreqMasker(Masker):
         """(hidden time steps, hidden frequency bands)."""
         time, freq = self.spec.grid
         return int(time * self.options.time_ratio), int(freq * self.options.freq_ratio)
+
+    def visible_tokens(self) -> int:
+        (time, freq), (hide_t, hide_f) = self.spec.grid, self.counts()
+        return (time - hide_t) * (freq - hide_f)
+
+    def check_counts(self, field: str = "time_ratio") -> None:
+        """Both ratios are below 1, so a token always stays visible; refuse ratios that hide no whole column
+        and no whole row of this grid."""
+        if self.visible_tokens() == self.spec.num_tokens:
+            (time, freq), o = self.spec.grid, self.options
+            raise OptionError(field, f"time_ratio {o.time_ratio} hides int({time} × {o.time_ratio}) = 0 of {time} "
+                                     f"time steps and freq_ratio {o.freq_ratio} hides int({freq} × {o.freq_ratio}) = 0 of "
+                                     f"{freq} bands: no token of grid {self.spec.grid} is hidden, so there is nothing "
+                                     f"to reconstruct (the loss would be NaN); raise either ratio")
 
     def __call__(self, batch_size: int, device: torch.device) -> Mask:
         time, freq = self.spec.grid

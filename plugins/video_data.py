@@ -36,6 +36,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Literal
 
@@ -49,6 +50,7 @@ from torch import Tensor
 from maeframe import Dataset, Options, hookimpl
 from maeframe.engine.augment import build_rand_augment, python_numpy_seeded
 
+from .folders import OUTSIDE_CLASSES, extension_reason, log_passed_over
 from .image_data import FASHION_MNIST_ROOT, load_fashion_mnist
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp",
@@ -524,10 +526,13 @@ class VideoFolderDataset(VideoFileDataset):
             raise ValueError(f"video_folder: {root} has no class sub-folders (expected root/<class>/<video>)")
         endings = tuple(e.lower() for e in self.options.extensions)
         items = []
+        passed = Counter({OUTSIDE_CLASSES: sum(1 for entry in root.iterdir() if entry.is_file())})
         for label, name in enumerate(self.classes):
             for folder, dirs, files in sorted(os.walk(root / name)):
                 dirs.sort()
                 items += [(os.path.join(folder, f), label) for f in sorted(files) if f.lower().endswith(endings)]
+                passed.update(extension_reason(f) for f in files if not f.lower().endswith(endings))
+        log_passed_over("video_folder", root, passed, taken="the endings in the `extensions` option")
         if not items:
             raise ValueError(f"video_folder: no files ending in {', '.join(endings)} under {root}/<class>/")
         return items

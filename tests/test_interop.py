@@ -203,8 +203,12 @@ def test_export_official_pth(tmp_path):
     torch.save({"model": official}, tmp_path / "mae.pth")
     model = mae()
     load_official_mae(tmp_path / "mae.pth", model)
-    path, name = export_encoder(tmp_path / "mae.pth", tmp_path / "enc.safetensors", "vit_tiny_patch16_224")
+    export = export_encoder(tmp_path / "mae.pth", tmp_path / "enc.safetensors", "vit_tiny_patch16_224")
+    path, name = export.path, export.name
     assert name == "vit_tiny_patch16_224" and path.is_file()
+    # the architecture arguments vit_tiny needs; num_heads is not in reference weights (guessed, flagged)
+    assert not export.heads_known and {k: v for k, v in export.kwargs.items() if k != "num_heads"} == \
+        {k: v for k, v in TIMM_SMALL.items() if k != "num_heads"}
     check_timm(path, name, model, tokenizer(), **TIMM_SMALL)
     with pytest.raises(ValueError, match="--timm-name"):  # 64 wide: no registered timm model fits
         export_encoder(tmp_path / "mae.pth", tmp_path / "other.safetensors")
@@ -228,8 +232,9 @@ def test_export_maeframe_checkpoint_infers_timm_name(tmp_path):
     torch.manual_seed(0)
     model = mae(tiny, tok)
     maeframe_checkpoint(tmp_path / "last.pt", model, tok, tiny)
-    path, name = export_encoder(tmp_path / "last.pt", tmp_path / "tiny.safetensors")
-    assert name == "vit_tiny_patch16_224"
+    export = export_encoder(tmp_path / "last.pt", tmp_path / "tiny.safetensors")
+    path, name = export.path, export.name
+    assert name == "vit_tiny_patch16_224" and export.kwargs == {} and export.heads_known
     check_timm(path, name, model, tok, pretrained=False)  # the overlay path is covered by the small tests
 
 

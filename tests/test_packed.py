@@ -111,7 +111,7 @@ def test_packed_dataset_serves_uint8_for_training_and_normalised_floats_for_eval
 
 
 def test_missing_index_or_bad_shard_names_the_path(tmp_path, packed_fmnist):
-    with pytest.raises(RecipeError, match=rf"data\.train: packed: .*{tmp_path / 'nowhere'}"):
+    with pytest.raises(RecipeError, match=rf"data\.train\.options\.path: packed: .*{tmp_path / 'nowhere'}"):
         build_dataset(prepare(PACKED, tiny(tmp_path, f"data.train.options.path={tmp_path / 'nowhere'}")))
     (tmp_path / "empty").mkdir()
     with pytest.raises(RecipeError, match=rf"{tmp_path / 'empty' / 'index.json'} not found"):
