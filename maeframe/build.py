@@ -16,7 +16,7 @@ from .loss import Loss
 from .masker import Masker
 from .model.windowed import resolve_window
 from .plugins import make_plugin_manager
-from .recipe import RECIPE_TYPES, SEED_RANGE, AnyRecipe, ComponentRef, RuntimeConfig, load_recipe, resolve_options
+from .recipe import RECIPE_TYPES, AnyRecipe, ComponentRef, RuntimeConfig, load_recipe, resolve_options
 from .registry import Registry
 from .target import Target
 from .tokenizer import Tokenizer
@@ -76,7 +76,6 @@ def prepare(recipe: AnyRecipe | str | Path, overrides: list[str] = ()) -> Prepar
 
 
 def _prepare(recipe: AnyRecipe, pm: pluggy.PluginManager, registry: Registry) -> Prepared:
-    _check_seed(recipe)
     options = resolve_options(recipe, registry)
     get = lambda kind, ref: registry.get(kind, ref.name).cls  # noqa: E731
     tokenizer = _construct("tokenizer", get("tokenizer", recipe.tokenizer), options["tokenizer"])
@@ -98,14 +97,6 @@ def _prepare(recipe: AnyRecipe, pm: pluggy.PluginManager, registry: Registry) ->
               for i, (label, ref) in enumerate(zip(labels, recipe.losses))]
     _run_validate_hook(pm, recipe)
     return Prepared(recipe, pm, registry, Components(tokenizer, masker, target, losses))
-
-
-def _check_seed(recipe: AnyRecipe) -> None:
-    """torch refuses seeds outside SEED_RANGE. The pretraining recipe's `Seed` type checks this when parsing;
-    this covers recipe classes that declare a plain int."""
-    low, high = SEED_RANGE
-    if not low <= recipe.seed <= high:
-        raise RecipeError([("seed", f"{recipe.seed} is outside the seeds torch accepts ({low} to {high})")])
 
 
 def _run_validate_hook(pm: pluggy.PluginManager, recipe: AnyRecipe) -> None:

@@ -295,7 +295,8 @@ class KnnConfig(Strict):
 class _DownstreamRecipe(Strict):
     task: str = Field(description="what the recipe runs")  # narrowed to one Literal by each subclass
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", description="run directory name")
-    seed: int = Field(0, description="seeds head init, data order, augmentation, mixup and drop path")
+    seed: Seed = Field(0, description="seeds head init, data order, augmentation, mixup and drop path (torch's "
+                                      "range)")
     plugins: list[str] = Field(default_factory=list, description="extra plugin modules to import by name")
     tokenizer: ComponentRef = Field(description="turns samples into patches; must match the pretraining patch size")
     model: EncoderConfig = Field(default_factory=EncoderConfig, description="encoder sizes (as pretrained)")

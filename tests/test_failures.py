@@ -369,3 +369,21 @@ def test_the_public_names_still_resolve():
     from maeframe import Masker, TokenSpec, hookimpl  # noqa: F401
     with pytest.raises(AttributeError, match="no attribute 'Maskr'"):
         maeframe.Maskr  # noqa: B018
+
+
+@pytest.mark.parametrize("override, field", [
+    ("runtime.device=cuda", "runtime.device"),
+    ("data.batch_size=65", "data.batch_size"),
+    ("OUTPUT_IS_A_FILE", "runtime.output_dir"),
+])
+def test_run_refuses_what_validate_data_finds(tmp_path, capsys, override, field):
+    """`maeframe run` stops with an error line naming the field (exit 2), not a traceback, and writes nothing."""
+    if field == "runtime.device" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    if override == "OUTPUT_IS_A_FILE":
+        (tmp_path / "taken").write_text("a file")
+        override = f"runtime.output_dir={tmp_path / 'taken'}"
+    code = main(["run", str(QUICKSTART), *tiny(tmp_path / "out"), override])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error:") and field in err and "Traceback" not in err, err
+    assert not (tmp_path / "out" / "quickstart").exists()

@@ -6,7 +6,7 @@ import math
 import time
 from pathlib import Path
 
-from ..errors import MaeframeError
+from ..errors import MaeframeError, RecipeError
 
 
 CHECKPOINT_SUFFIXES = (".pt", ".dcp")  # one file (ddp) or a DCP directory (fsdp)
@@ -45,7 +45,11 @@ class RunDirectory:
             raise MaeframeError(f"{self.path} already holds a run; pass --resume to continue it, or set "
                                 f"another name (e.g. `name=other`)")
         if is_main:
-            self.path.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError, PermissionError) as err:
+                raise RecipeError([("runtime.output_dir", f"cannot create the run directory {self.path}: "
+                                                          f"{err.strerror or err}")]) from None
 
     def latest(self) -> Path | None:
         """The checkpoint a resume would start from now, or None."""
