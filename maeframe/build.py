@@ -149,9 +149,15 @@ def check_data(prepared: Prepared) -> list[tuple[str, str]]:
         if split == "eval" and recipe.data.eval is None:
             continue  # evaluation reuses the training data
         try:
-            sizes[path] = len(build_dataset(prepared, split))
+            dataset = build_dataset(prepared, split)
         except RecipeError as err:
             problems += err.problems
+            continue
+        sizes[path] = len(dataset)
+        unreadable = dataset.unreadable()
+        if split == "train" and len(unreadable) > recipe.data.max_bad_fraction * (len(dataset) + len(unreadable)):
+            problems.append(("data.max_bad_fraction", f"{len(unreadable)} of {len(dataset) + len(unreadable)} files "
+                                                      f"of data.train cannot be read (first: {unreadable[0]})"))
     if "data.train" in sizes:
         problems += _check_step_fits(recipe, sizes["data.train"])
     return problems

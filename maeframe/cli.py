@@ -14,11 +14,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .engine.run import run_task
 
     prepared = prepare(args.recipe, args.overrides)
-    resume = args.resume
-    if args.auto_resume:
-        from .engine.rundir import latest_checkpoint
-
-        resume = latest_checkpoint(Path(prepared.recipe.runtime.output_dir) / prepared.recipe.name) is not None
+    resume = "auto" if args.auto_resume else args.resume
     run_task(prepared, resume=resume)  # prints its summary (pretraining) or results (downstream)
     return 0
 
@@ -169,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. optim.epochs=5")
     run.add_argument("--resume", action="store_true", help="continue <output_dir>/<name>/last.pt exactly")
     run.add_argument("--auto-resume", action="store_true",
-                     help="resume when last.pt exists, else start (for jobs a scheduler requeues)")
+                     help="resume when last.pt exists, else start; an earlier attempt that died before its first "
+                          "checkpoint is moved aside into failed-attempt-N/ (for jobs a scheduler requeues)")
     run.set_defaults(func=cmd_run)
 
     validate = sub.add_parser("validate", help="check recipes without running them",

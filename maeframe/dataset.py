@@ -25,6 +25,9 @@ class Dataset(Component, torch.utils.data.Dataset):
     # micro-batch and use rows start..start+B (this process's slice), so N processes augment as one process
     # with an N× batch and a resumed run draws the same. None: samples are ready as loaded.
     device_transform: Callable[..., Tensor] | None = None
+    # Class names in label order (label i is classes[i]), or None for unlabelled data or bare indices. The
+    # engine aligns an eval set's labels to the training set's classes by these names.
+    classes: list[str] | None = None
 
     def __init__(self, options: Options, input_shape: tuple[int, ...], train: bool):
         Component.__init__(self, options)
@@ -36,6 +39,12 @@ class Dataset(Component, torch.utils.data.Dataset):
 
     @abstractmethod
     def __getitem__(self, index: int) -> tuple[Tensor, int]: ...
+
+    def unreadable(self) -> list[str]:
+        """Files passed over while the dataset was built because they cannot be read (e.g. a failed header
+        check), each with why. The engine counts them as failed reads under `data.max_bad_fraction` (with
+        the reads that fail later) and reports them in metrics.jsonl and run.json. Default: none."""
+        return []
 
     def describe(self, index: int) -> str:
         """Where sample `index` comes from (a file path), for messages about unreadable samples."""

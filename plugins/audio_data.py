@@ -20,8 +20,9 @@ Every random draw of steps 4-8 comes from torch's global generator, which the en
 so augmentations are reproducible from the sample's seed (and across a resume).
 
 Steps 1-3 (the expensive part) can be cached on disk (`cache_dir`). Files whose header cannot be read
-are skipped and counted at construction; files failing later raise `AudioError` for the engine's loader,
-which logs, replaces and counts them like any unreadable sample. `fbank_stats` / `audio_stats` compute a
+are passed over at construction and reported through `unreadable()`; files failing later raise
+`AudioError` for the engine's loader, which logs, replaces and counts them like any unreadable sample. Both
+fall under the one limit, `data.max_bad_fraction`, judged by the engine. `fbank_stats` / `audio_stats` compute a
 dataset's mean and std (`maeframe audio-stats`).
 """
 from __future__ import annotations
@@ -255,9 +256,6 @@ class AudioOptions(Options):
     cache_dir: str | None = Field(None, description="folder for an on-disk fbank cache (one .npy per file, "
                                                     "keyed by path, size, mtime and fbank options)")
     limit: int | None = Field(None, gt=0, description="use only the first N recordings (quick runs)")
-    max_bad_fraction: float = Field(0.05, ge=0, le=1, description="recordings whose header check fails at "
-                                    "construction (unreadable, empty, too short) tolerated, as a fraction of all; "
-                                    "read-time failures fall under data.max_bad_fraction")
     display_range: tuple[float, float] = Field(DISPLAY_RANGE, description="log-mel values drawn as the lowest and "
                                                "highest colour in pictures (match the tokenizer's)")
 
@@ -307,6 +305,8 @@ class AudioDataset(Dataset):
         self.items: list[tuple[Path, int | Tensor]] = []
         self.classes: list[str] = []
         self.skipped: list[Path] = []
+        self._problems: dict[Path, str] = {}
+        self._unreadable: list[str] = []
         self._logged: set[Path] = set()
 
     # subclasses call this once self.items is filled
@@ -325,7 +325,9 @@ class AudioDataset(Dataset):
                 self._skip(path, problem)
         self.items = good
         self.source, self.total = source, total
-        self._check_bad()
+        self._unreadable = [f"{path}: {problem}" for path, problem in self._problems.items()]
+        if not self.items:
+            raise ValueError(f"{source}: no readable recordings")
 
     def _probe(self, path: Path) -> str | None:
         """Header check (no decoding): why `path` is unusable, or None."""
@@ -341,17 +343,14 @@ class AudioDataset(Dataset):
 
     def _skip(self, path: Path, problem: str) -> None:
         self.skipped.append(path)
+        self._problems[path] = problem
         if path not in self._logged:
             self._logged.add(path)
             log.warning("skipping %s", problem)
 
-    def _check_bad(self) -> None:
-        bad = len(self.skipped)
-        if bad > self.options.max_bad_fraction * self.total:
-            raise ValueError(f"{self.source}: {bad} of {self.total} recordings could not be read (more than "
-                             f"max_bad_fraction {self.options.max_bad_fraction}); first: {self.skipped[0]}")
-        if not self.items:
-            raise ValueError(f"{self.source}: no readable recordings")
+    def unreadable(self) -> list[str]:
+        """Recordings whose header check failed at construction, with why (counted by the engine)."""
+        return self._unreadable
 
     def __len__(self) -> int:
         return len(self.items)
@@ -396,7 +395,7 @@ class AudioDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, int | Tensor]:
         """([1, T, F] normalised log-mel, label). A recording that passed the header check but fails to
         decode raises AudioError after being counted in `skipped`; the engine's loader logs it once with
-        its path, replaces it by the next index and enforces `data.max_bad_fraction` across workers."""
+        its path, replaces it by another sample and enforces `data.max_bad_fraction`."""
         try:
             features = self.features(index)
         except AudioError:

@@ -262,13 +262,14 @@ def test_unreadable_files_are_skipped_counted_and_logged_once(folder, caplog):
     soundfile.write(str(folder / "low" / "silent.wav"), np.zeros((0, 1), np.float32), 16000)
     tone(folder / "low" / "tick.wav", 16000, seconds=0.01)  # 160 samples: shorter than one 400-sample frame
     with caplog.at_level(logging.WARNING, logger="maeframe.audio"):
-        data = folder_data(folder, max_bad_fraction=0.5)
+        data = folder_data(folder)
     assert len(data) == 4 and sorted(p.name for p in data.skipped) == ["empty.wav", "silent.wav", "text.wav",
                                                                        "tick.wav"]
     assert all(sum(p.name in r.message for r in caplog.records) == 1 for p in data.skipped)
     assert all(torch.isfinite(data[i][0]).all() for i in range(len(data)))
-    with pytest.raises(ValueError, match="4 of 8 recordings could not be read"):
-        folder_data(folder, max_bad_fraction=0.25)
+    # reported to the engine, which judges them with the one limit, data.max_bad_fraction
+    assert sorted(line.split(":")[0].rsplit("/", 1)[1] for line in data.unreadable()) == [
+        "empty.wav", "silent.wav", "text.wav", "tick.wav"]
 
 
 def test_file_failing_to_decode_is_counted_then_replaced_by_the_engine_loader(folder, caplog, monkeypatch):
@@ -499,3 +500,31 @@ def test_pretraining_steps_on_real_klettres_recordings(tmp_path):
     assert (pictures / "epoch0002.png").is_file()
     assert (pictures / "epoch0002-0-original.wav").is_file() and (pictures / "epoch0002-0-reconstruction.wav").is_file()
     assert len(list(cache.rglob("*.npy"))) == 24 + 2  # training files + the pictures' eval samples
+
+
+def test_recordings_unreadable_when_listed_fall_under_data_max_bad_fraction(folder, tmp_path, capsys):
+    """One knob for every modality: files failing the header check when the dataset is built count as failed
+    reads under data.max_bad_fraction (named in the error, which is no 'invalid recipe'), and are reported
+    in metrics.jsonl and run.json."""
+    (folder / "high" / "empty.wav").write_bytes(b"")
+    (folder / "low" / "text.wav").write_text("this is not a wave file")
+    overrides = ["data.train.name=audio_folder", f"data.train.options={{root: {folder}, mean: 0.0, std: 1.0}}",
+                 "data.eval=null", "tokenizer.options.target_length=64", "tokenizer.options.num_mel_bins=32",
+                 "data.batch_size=2", "data.num_workers=0", "optim.epochs=1", "optim.warmup_epochs=0",
+                 "model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.decoder_embed_dim=16",
+                 "model.decoder_depth=1", "model.decoder_num_heads=2", "runtime.progress_bar=false",
+                 "runtime.tensorboard=false", "runtime.log_interval=1", "runtime.visualize_interval=9",
+                 "tokenizer.options.audio_samples=0", f"runtime.output_dir={tmp_path / 'runs'}"]
+    assert main(["run", str(RECIPES / "audio_klettres.yaml"), *overrides, "data.max_bad_fraction=0.2"]) == 2
+    err = capsys.readouterr().err
+    assert "2 of 6 files of the training set cannot be read" in err and "data.max_bad_fraction=0.2" in err
+    assert "invalid recipe" not in err and "empty.wav" in err
+    assert main(["validate", "--data", str(RECIPES / "audio_klettres.yaml"),
+                 *[f"--set={o}" for o in overrides], "--set=data.max_bad_fraction=0.2"]) == 2
+    assert "data.max_bad_fraction" in capsys.readouterr().err
+    assert main(["run", str(RECIPES / "audio_klettres.yaml"), *overrides, "data.max_bad_fraction=0.5", "name=ok"]) == 0
+    run = tmp_path / "runs" / "ok"
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["unreadable_at_build"] == 2 and lines[-1]["bad_samples"] == 0
+    facts = json.loads((run / "run.json").read_text())["unreadable_at_build"]
+    assert facts["count"] == 2 and any("empty.wav" in line for line in facts["first"])

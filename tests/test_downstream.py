@@ -369,3 +369,42 @@ def test_export_classifier_help(capsys):
         main(["export-classifier", "--help"])
     assert exit_.value.code == 0
     assert "TorchScript" in capsys.readouterr().out
+
+
+def class_folders(root, classes, per_class=6):
+    """root/<class>/NN.png: each class a bright band at its own height with a little noise, so pixel
+    directions (cosine k-NN) tell classes apart."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        band = "abcde".index(name) * 5
+        for i in range(per_class):
+            pixels = torch.full((28, 28), 20) + torch.randint(0, 6, (28, 28), generator=generator)
+            pixels[band:band + 5] += 200
+            pixels = pixels.clamp(0, 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels, mode="L").save(root / name / f"{i:02d}.png")
+
+
+def test_eval_labels_follow_the_training_classes_by_name(tmp_path):
+    """An eval folder holding a subset of the classes numbers them 0, 1, ... itself; its labels are mapped to
+    the training set's classes by name (k-NN on pixels: every query right, per-class figures on the right
+    classes), and an eval class the training set lacks is an error naming it. The same in fine-tuning."""
+    class_folders(tmp_path / "train", "abcd")
+    class_folders(tmp_path / "eval", "bd")
+    class_folders(tmp_path / "other", "be")
+    folder = "{name: image_folder, options: {root: %s, mean: [0.5], std: [0.5]}}"
+    common = [*RUNTIME, "data.batch_size=8", "data.num_workers=0", f"data.train={folder % (tmp_path / 'train')}",
+              f"runtime.output_dir={tmp_path / 'runs'}", "init.format=none"]
+    knn = ["knn.features=pixels", "knn.k=3", "data.train.options.mean=[0.5]"]
+    results = run_task(prepare(KNN, [*common, *knn, f"data.eval={folder % (tmp_path / 'eval')}"]))
+    assert results["final"]["top1"] == 100.0
+    assert results["final"]["per_class_accuracy"] == {"a": None, "b": 100.0, "c": None, "d": 100.0}
+    with pytest.raises(MaeframeError, match=r"data.eval: classes \['e'\] are not among the training set's 4"):
+        run_task(prepare(KNN, [*common, *knn, "name=other", f"data.eval={folder % (tmp_path / 'other')}"]))
+    tuned = run_task(prepare(FINETUNE, [*common, *ENCODER, "optim.epochs=1", "optim.warmup_epochs=0",
+                                        "tokenizer.options.image_size=28", f"data.eval={folder % (tmp_path / 'eval')}"]))
+    assert tuned["dataset"] == {"train": 24, "eval": 12, "num_classes": 4}
+    assert set(tuned["final"]["per_class_accuracy"]) == {"a", "b", "c", "d"}
+    assert tuned["final"]["per_class_accuracy"]["a"] is None and tuned["final"]["per_class_accuracy"]["c"] is None

@@ -69,6 +69,9 @@ class FinetuneAugment(Dataset):
 
     device_transform = None  # as `maeframe.Dataset`: samples are ready as loaded
 
+    def unreadable(self) -> list[str]:
+        return self.dataset.unreadable()
+
     def __init__(self, dataset: Dataset, config: AugmentConfig):
         self.dataset = dataset
         self.classes = getattr(dataset, "classes", None)

@@ -26,6 +26,7 @@ import torch
 from .. import __version__
 from ..build import Prepared, prepare
 from ..errors import MaeframeError, RecipeError
+from ..recipe import flatten_tree
 from .evaluate import EVAL_RATIO, PSNR_CAP_DB, evaluate_pretrainer
 
 # Fields every variant must share: same seed (init, masks, data order, augmentation), same data, same budget.
@@ -65,20 +66,6 @@ def _get(tree: dict, dotted: str) -> Any:
     return tree
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out if out or not prefix else {prefix: {}}
-    if isinstance(tree, list) and any(isinstance(item, (dict, list)) for item in tree):
-        out = {}
-        for i, item in enumerate(tree):
-            out.update(_flatten(item, f"{prefix}.{i}"))
-        return out or {prefix: []}
-    return {prefix: tree}
-
-
 def check_comparable(variants: list[tuple[str, Prepared]]) -> None:
     """Raise RecipeError naming every field that differs where it must not, or a repeated name."""
     problems: list[tuple[str, str]] = []
@@ -90,8 +77,8 @@ def check_comparable(variants: list[tuple[str, Prepared]]) -> None:
             if mine == theirs:
                 continue
             # name the innermost fields that differ, e.g. data.train.options.limit rather than data.train
-            flat_mine = _flatten(mine, dotted) if isinstance(mine, dict) and isinstance(theirs, dict) else {dotted: mine}
-            flat_theirs = _flatten(theirs, dotted) if len(flat_mine) > 1 or dotted not in flat_mine else {dotted: theirs}
+            flat_mine = flatten_tree(mine, dotted) if isinstance(mine, dict) and isinstance(theirs, dict) else {dotted: mine}
+            flat_theirs = flatten_tree(theirs, dotted) if len(flat_mine) > 1 or dotted not in flat_mine else {dotted: theirs}
             for key in dict.fromkeys([*flat_mine, *flat_theirs]):
                 if flat_mine.get(key, "—") != flat_theirs.get(key, "—"):
                     problems.append((key, f"differs between variants ({first_path}: {flat_mine.get(key, '—')!r}; "
@@ -113,7 +100,7 @@ def check_comparable(variants: list[tuple[str, Prepared]]) -> None:
 def recipe_differences(variants: list[Variant]) -> dict[str, list[Any]]:
     """{dotted field: [value per variant]} for every resolved-recipe field that is not identical
     (the name and the output directory excluded)."""
-    flat = [_flatten(v.prepared.recipe.model_dump(mode="json")) for v in variants]
+    flat = [flatten_tree(v.prepared.recipe.model_dump(mode="json")) for v in variants]
     keys = list(dict.fromkeys(key for tree in flat for key in tree))
     skip = {"name", "runtime.output_dir"}
     return {key: [tree.get(key, "—") for tree in flat] for key in keys

@@ -131,6 +131,37 @@ def dataset_classes(head: HeadConfig | None, dataset: Dataset, labels: Tensor | 
     return [str(i) for i in range(count)]
 
 
+def eval_label_map(train_set: Dataset, eval_set: Dataset, field: str = "data.eval") -> Tensor | None:
+    """Eval label index -> training label index, matched by class name (None when the eval set numbers its
+    classes as the training set does, or either names none). Each folder dataset numbers its own
+    sub-folders, so an eval folder with a subset of the classes would otherwise shift every label. An eval
+    class the training set does not have is an error naming it."""
+    names, train = getattr(eval_set, "classes", None), getattr(train_set, "classes", None)
+    if names is None or train is None:
+        return None
+    train_classes = [str(n) for n in train]
+    if [str(n) for n in names] == train_classes:
+        return None
+    unknown = [str(n) for n in names if str(n) not in train_classes]
+    if unknown:
+        raise MaeframeError(f"{field}: classes {unknown[:10]} are not among the training set's {len(train_classes)} "
+                            f"classes ({', '.join(train_classes[:10])}{', ...' if len(train_classes) > 10 else ''}); "
+                            f"evaluate on the classes the model was trained on")
+    return torch.tensor([train_classes.index(str(n)) for n in names])
+
+
+def relabel(labels: Tensor, mapping: Tensor | None, num_classes: int) -> Tensor:
+    """Labels in the eval set's numbering -> the training set's: class indices [N] through `mapping`, or
+    multi-hot [N, C_eval] scattered into [N, num_classes] columns."""
+    if mapping is None:
+        return labels
+    if labels.dim() == 1:
+        return mapping[labels]
+    out = labels.new_zeros(len(labels), num_classes)
+    out[:, mapping] = labels
+    return out
+
+
 def dataset_views(dataset: Dataset) -> int:
     """Views per evaluation sample: a dataset with `views` = V > 1 yields [V, *input_shape] per sample
     (e.g. video clips × spatial crops); 1 otherwise."""

@@ -27,8 +27,8 @@ from ..model.mae import count_parameters
 from .augment import BatchMixup, FinetuneAugment
 from .data import MIXUP_STREAM, stream_seed
 from .distributed import mirrored_rows
-from .downstream import (dataset_classes, dataset_views, encoder_layout, load_encoder, predict,
-                         pretrained_encoder_state, train_set_without_device_transform)
+from .downstream import (dataset_classes, dataset_views, encoder_layout, eval_label_map, load_encoder, predict,
+                         pretrained_encoder_state, relabel, train_set_without_device_transform)
 from ..model.classifier import Classifier
 from .loop import Trainer
 from .metrics import classification_metrics, format_results, write_results
@@ -88,6 +88,7 @@ class FineTuner(Trainer):
         self.train_set = self.dataset
         self.eval_set = build_dataset(self.prepared, "eval")
         self.classes = dataset_classes(self.recipe.head, self.train_set)
+        self.eval_labels = eval_label_map(self.train_set, self.eval_set)
         self.multi_label = self.recipe.head.multi_label
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
@@ -147,6 +148,7 @@ class FineTuner(Trainer):
         scores, labels = predict(model or self.model, self.tokenizer, self.eval_set, self.device,
                                  self.recipe.data.batch_size, self.runtime.autocast, multi_label=self.multi_label,
                                  world=self.world)
+        labels = relabel(labels, self.eval_labels, len(self.classes))
         metrics = classification_metrics(scores, labels, self.classes, self.multi_label)
         if not self.multi_label:
             metrics["loss"] = nn.functional.cross_entropy(scores, labels).item()

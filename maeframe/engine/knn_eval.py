@@ -17,7 +17,8 @@ from ..model.vit import Encoder
 from ..recipe import dump_recipe
 from ..errors import MaeframeError
 from .distributed import barrier, map_dataset, shutdown_world
-from .downstream import dataset_classes, dataset_views, load_encoder, pretrained_encoder_state
+from .downstream import (dataset_classes, dataset_views, eval_label_map, load_encoder, pretrained_encoder_state,
+                         relabel)
 from ..model.classifier import Classifier
 from .knn import knn_features, knn_scores
 from .metrics import classification_metrics, format_results, write_results
@@ -47,8 +48,8 @@ class KnnTask:
     queries' features, each rank its share (gathered on every rank), votes, and rank 0 writes results.json.
     The run directory is guarded as every task's is: an existing run is never overwritten."""
 
-    def __init__(self, prepared: Prepared, resume: bool = False):
-        if resume:
+    def __init__(self, prepared: Prepared, resume: bool | str = False):
+        if resume is True:
             raise MaeframeError("--resume: a knn run trains nothing; run it again under another name")
         self.prepared, self.recipe = prepared, prepared.recipe
         recipe = prepared.recipe
@@ -61,7 +62,7 @@ class KnnTask:
                                 f"test_crops to 1)")
         self.encoder = build_encoder(prepared, self.runtime.device) if recipe.knn.features == "encoder" else None
         # checked and created only once everything is built
-        self.run_dir = RunDirectory(Path(recipe.runtime.output_dir) / recipe.name, False, self.world.is_main)
+        self.run_dir = RunDirectory(Path(recipe.runtime.output_dir) / recipe.name, resume, self.world.is_main)
         barrier(self.world)
 
     def features(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -83,6 +84,7 @@ class KnnTask:
         start = time.perf_counter()
         (bank, bank_labels), (queries, labels) = self.features()
         classes = dataset_classes(None, self.bank_set, torch.cat([bank_labels, labels]))
+        labels = relabel(labels, eval_label_map(self.bank_set, self.eval_set), len(classes))
         scores = knn_scores(bank.float(), bank_labels, queries.float(), knn.k, knn.temperature, len(classes))
         final = classification_metrics(scores, labels, classes, details=True)
         results: dict[str, Any] = {

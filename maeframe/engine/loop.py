@@ -38,6 +38,7 @@ from .data import DEVICE_AUGMENT_STREAM, ResumableBatchSampler, make_loader, str
 from .dcp_checkpoint import TENSOR_KEYS, read_run_state, save_dcp
 from .distributed import any_rank, average, barrier, shutdown_world
 from .optim import peak_lr
+from .resume_check import check_resume
 from .rundir import MetricsLog, RunDirectory
 from .runtime import rng_state, set_rng_state, start_process
 from .step import OptimizerStep
@@ -67,19 +68,30 @@ class SampleCount:
     first batch of 32), and a dataset far over it still stops within its first epoch, as `maeframe pack`
     judges the whole dataset."""
 
-    def __init__(self, max_bad_fraction: float, epoch_reads: int = 0):
+    def __init__(self, max_bad_fraction: float, epoch_reads: int = 0, unreadable: list[str] = (),
+                 world_size: int = 1):
+        """`unreadable`: files the dataset passed over when it was built (`Dataset.unreadable()`): failed
+        reads of the whole dataset, each process carrying its share of them."""
         self.limit, self.epoch_reads = max_bad_fraction, epoch_reads
+        self.unreadable = len(unreadable)
+        self.share = self.unreadable / world_size
         self.seen = self.bad = 0
+        total = epoch_reads * world_size + self.unreadable
+        if self.unreadable > self.limit * total:
+            raise MaeframeError(f"{self.unreadable} of {total} files of the training set cannot be read (more than "
+                                f"data.max_bad_fraction={self.limit}); first: {unreadable[0]}")
 
     def add(self, batch_size: int, failed: Tensor) -> None:
         """batch_size delivered samples, failed [B] reads skipped before each of them."""
         bad = int(failed.sum())
         self.bad += bad
         self.seen += batch_size + bad
-        if self.bad > self.limit * max(self.seen, self.epoch_reads):
-            raise MaeframeError(f"{self.bad} of {self.seen} sample reads failed (more than "
-                                f"data.max_bad_fraction={self.limit} of {max(self.seen, self.epoch_reads)}); "
-                                f"see the warnings for their paths")
+        reads = max(self.seen, self.epoch_reads) + self.share
+        if self.bad + self.share > self.limit * reads:
+            raise MaeframeError(f"{self.bad} of {self.seen} sample reads failed"
+                                f"{f' (and {self.unreadable} files were unreadable when listed)' if self.unreadable else ''}: "
+                                f"more than data.max_bad_fraction={self.limit} of {round(reads)}; see the warnings "
+                                f"for their paths")
 
     def state_dict(self) -> Tensor:
         return torch.tensor([self.seen, self.bad])
@@ -110,11 +122,12 @@ class PreemptionSignals:
 class Trainer:
     """Builds a run from a prepared recipe; `train()` runs the loop and returns `finish()`'s result.
 
-    Resuming (`resume=True`) restores model, optimizer, grad scaler, step counter, every RNG, the sample
-    counts, the task's own state and the data position from the run's `last` checkpoint (either format,
-    any world size), so the run continues as if never stopped."""
+    Resuming (`resume=True`, or "auto" for a requeued job: see `RunDirectory`) restores model, optimizer,
+    grad scaler, step counter, every RNG, the sample counts, the task's own state and the data position from
+    the run's `last` checkpoint (either format, any world size), so the run continues as if never stopped.
+    The recipe may change only in fields that leave the trajectory alone (`resume_check`)."""
 
-    def __init__(self, prepared: Prepared, resume: bool = False):
+    def __init__(self, prepared: Prepared, resume: bool | str = False):
         self.prepared = prepared
         self.recipe = recipe = prepared.recipe
         self.hook = prepared.pm.hook
@@ -136,12 +149,14 @@ class Trainer:
         self.model, self.optimizer = self.train_step.model, self.train_step.optimizer
         self.sharded = self.train_step.sharded
         self.step = 0
-        self.samples = SampleCount(data.max_bad_fraction, len(self.dataset) // self.world_size)
+        self.samples = SampleCount(data.max_bad_fraction, len(self.dataset) // self.world_size,
+                                   self.dataset.unreadable(), self.world_size)
         self.signals = PreemptionSignals()
 
         self.run_dir = RunDirectory(Path(recipe.runtime.output_dir) / recipe.name, resume, self.world.is_main,
                                     ".dcp" if self.sharded else ".pt")
-        if resume:
+        self.resume_changes: dict[str, tuple[Any, Any]] | None = None  # set by a resume
+        if self.run_dir.resuming:
             if self.world.is_main:
                 remove_stale_temporaries(self.run_dir.path)
             self._restore(self.run_dir.resume_from)
@@ -262,6 +277,7 @@ class Trainer:
         metrics["epoch"] = round(self.step / self.steps_per_epoch, 4)
         metrics["nonfinite_steps"] = int(step.nonfinite)
         metrics["bad_samples"] = self.samples.bad
+        metrics["unreadable_at_build"] = self.samples.unreadable
         for component in self.prepared.components.all():
             metrics.update({f"{component.kind}/{key}": value for key, value in component.metrics().items()})
         if self.device.type == "cuda":
@@ -300,6 +316,7 @@ class Trainer:
             "format": FORMAT,
             "task": self.recipe.task,
             "step": self.step,
+            "world_size": self.world_size,
             **self.train_step.state_dict(),
             "samples": self.samples.state_dict(),
             "rng": rng_state(),
@@ -329,6 +346,8 @@ class Trainer:
         task = state.get("task", "pretrain")
         if task != self.recipe.task:
             raise MaeframeError(f"--resume: {path} is a {task} checkpoint, not {self.recipe.task}")
+        self.resume_changes = check_resume(state["recipe"], self.recipe.model_dump(mode="json"),
+                                           state.get("world_size"), self.world_size, path)
         self.train_step.load_state_dict(state, shards=path if path.is_dir() else None)
         self.step = state["step"]
         self.samples.load_state_dict(state.get("samples"))
@@ -341,12 +360,25 @@ class Trainer:
         return state["step"]
 
     def _write_run_files(self) -> None:
-        self.run_dir.write_text("recipe.yaml", dump_recipe(self.recipe))
+        """recipe.yaml and run.json at the start; a resume keeps the original recipe.yaml, adds the recipe it
+        was resumed with (`recipe-resumed-stepN.yaml`) and appends what it changed to run.json's `resumes`."""
+        resumes = []
+        if self.resume_changes is None:
+            self.run_dir.write_text("recipe.yaml", dump_recipe(self.recipe))
+        else:
+            self.run_dir.write_text(f"recipe-resumed-step{self.step:07d}.yaml", dump_recipe(self.recipe))
+            previous = self.run_dir.path / "run.json"
+            resumes = json.loads(previous.read_text()).get("resumes", []) if previous.is_file() else []
+            resumes.append({"step": self.step, "world_size": self.world_size,
+                            "changed": {k: list(v) for k, v in self.resume_changes.items()}})
         facts = {
             "maeframe": __version__, "torch": torch.__version__, "timm": timm.__version__,
             "python": platform.python_version(), "device": device_name(self.device),
             "precision": self.runtime.precision, "task": self.recipe.task, "strategy": self.recipe.runtime.strategy,
             "world_size": self.world_size, "effective_batch": self.effective_batch, "peak_lr": self.lr,
-            "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps, **self.run_facts(),
+            "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+            "unreadable_at_build": {"count": self.samples.unreadable, "first": self.dataset.unreadable()[:20]},
+            **self.run_facts(),
+            **({"resumes": resumes} if resumes else {}),
         }
         self.run_dir.write_text("run.json", json.dumps(facts, indent=2) + "\n")

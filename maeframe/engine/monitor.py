@@ -24,7 +24,7 @@ from ..errors import MaeframeError
 from ..recipe import MonitorConfig
 from ..tokenizer import Tokenizer
 from .distributed import World
-from .downstream import dataset_classes
+from .downstream import dataset_classes, eval_label_map, relabel
 from .knn import knn_features, knn_scores
 from .metrics import topk_accuracy
 from .runtime import rng_state, set_rng_state
@@ -64,6 +64,7 @@ class KnnMonitor:
     def __init__(self, prepared: Prepared, config: MonitorConfig, device: torch.device, autocast=contextlib.nullcontext,
                  world: World = World()):
         self.config, self.device, self.autocast, self.world = config, device, autocast, world
+        self.query_labels = None  # eval label -> training label, when the two sets number classes differently
         recipe = prepared.recipe
         self.batch_size = config.batch_size or recipe.data.batch_size
         with rng_isolated():
@@ -82,6 +83,7 @@ class KnnMonitor:
                 eval_set = build_dataset(prepared, "eval")
                 _require_class_labels(eval_set, "data.eval")
                 self.queries = _subset(eval_set, torch.randperm(len(eval_set), generator=generator), config.queries)
+                self.query_labels = eval_label_map(train_set, eval_set)
             else:
                 self.queries = _subset(train_set, order[bank_count:], config.queries)
 
@@ -95,6 +97,7 @@ class KnnMonitor:
                 encoder, tokenizer, [self.bank, self.queries], self.device, self.autocast, self.config.pool,
                 self.batch_size, self.config.num_workers, self.world)
         classes = dataset_classes(None, self.bank.dataset, torch.cat([bank_labels, labels]))
+        labels = relabel(labels, self.query_labels, len(classes))
         scores = knn_scores(bank, bank_labels, queries, self.config.k, self.config.temperature, len(classes))
         accuracy = {f"monitor/knn_{key}": value for key, value in topk_accuracy(scores, labels).items()}
         return {**accuracy, "monitor/bank": len(self.bank), "monitor/queries": len(self.queries),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ from ..errors import MaeframeError, RecipeError
 
 CHECKPOINT_SUFFIXES = (".pt", ".dcp")  # one file (ddp) or a DCP directory (fsdp)
 RUN_FILES = ("metrics.jsonl", "results.json")  # a directory holding one of these holds a run
+log = logging.getLogger("maeframe.run")
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -27,11 +29,16 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 class RunDirectory:
-    """`<output_dir>/<name>/`. A directory that already holds a run is only reused by a resume.
-    Only the main process creates and writes it. `suffix` is the checkpoint format this run writes:
-    `.pt` (one file) or `.dcp` (a sharded directory); a resume reads either."""
+    """`<output_dir>/<name>/`. A directory that already holds a run is only reused by a resume. Only the main
+    process creates and writes it. `suffix` is the checkpoint format this run writes: `.pt` (one file) or
+    `.dcp` (a sharded directory); a resume reads either.
 
-    def __init__(self, root: str | Path, resume: bool, is_main: bool = True, suffix: str = ".pt"):
+    `resume`: False starts a new run (refused where one exists), True continues the run's `last` checkpoint,
+    "auto" (a requeued job) continues it when there is one, else starts afresh, first moving a dead attempt's
+    files (a run that stopped before its first checkpoint) aside into `failed-attempt-N/`. `resuming` tells
+    which happened."""
+
+    def __init__(self, root: str | Path, resume: bool | str, is_main: bool = True, suffix: str = ".pt"):
         if suffix not in CHECKPOINT_SUFFIXES:
             raise ValueError(f"checkpoint suffix {suffix!r} is not one of {CHECKPOINT_SUFFIXES}")
         self.path = Path(root)
@@ -39,17 +46,43 @@ class RunDirectory:
         self.last = self.path / f"last{suffix}"
         self.best = self.path / f"best{suffix}"
         self.resume_from = latest_checkpoint(self.path)
-        if resume and self.resume_from is None:
-            raise MaeframeError(f"--resume: {self.last} does not exist (nor a checkpoint in the other format)")
-        if not resume and (self.resume_from is not None or any((self.path / f).is_file() for f in RUN_FILES)):
-            raise MaeframeError(f"{self.path} already holds a run; pass --resume to continue it, or set "
-                                f"another name (e.g. `name=other`)")
+        dead = self.resume_from is None and self.holds_run_files()
+        self.resuming = self.resume_from is not None and bool(resume)
+        if resume is True and self.resume_from is None:
+            raise MaeframeError(
+                f"--resume: {self.path} holds a run that stopped before writing its first checkpoint: nothing to "
+                f"resume. Pass --auto-resume to move that attempt aside and start again" if dead else
+                f"--resume: there is no run at {self.path} to resume; run without --resume to start it")
+        if not resume and (self.resume_from is not None or dead):
+            raise MaeframeError(
+                f"{self.path} already holds a run that stopped before its first checkpoint; pass --auto-resume to "
+                f"move that attempt aside and start again, or set another name (e.g. `name=other`)" if dead else
+                f"{self.path} already holds a run; pass --resume to continue it from {self.resume_from.name}, or "
+                f"set another name (e.g. `name=other`)")
         if is_main:
             try:
                 self.path.mkdir(parents=True, exist_ok=True)
             except (FileExistsError, NotADirectoryError, PermissionError) as err:
                 raise RecipeError([("runtime.output_dir", f"cannot create the run directory {self.path}: "
                                                           f"{err.strerror or err}")]) from None
+            if resume == "auto" and dead:
+                self.set_attempt_aside()
+
+    def holds_run_files(self) -> bool:
+        return any((self.path / name).is_file() for name in RUN_FILES)
+
+    def set_attempt_aside(self) -> Path:
+        """Move everything but earlier attempts into the next `failed-attempt-N/` and return it."""
+        number = 1 + max([int(p.name.rsplit("-", 1)[1]) for p in self.path.glob("failed-attempt-*")
+                          if p.name.rsplit("-", 1)[1].isdigit()] or [0])
+        aside = self.path / f"failed-attempt-{number}"
+        aside.mkdir()
+        for entry in self.path.iterdir():
+            if entry != aside and not entry.name.startswith("failed-attempt-"):
+                entry.rename(aside / entry.name)
+        log.warning("%s: the previous attempt stopped before its first checkpoint; its files are in %s, "
+                    "starting afresh", self.path, aside)
+        return aside
 
     def latest(self) -> Path | None:
         """The checkpoint a resume would start from now, or None."""
