@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -65,6 +66,10 @@ class Registry:
                     f"plugin {plugin!r} registered {kind} {name!r} as {cls!r}, which is not a subclass of "
                     f"maeframe.{base.__name__}"
                 )
+            if inspect.isabstract(cls):
+                missing = ", ".join(sorted(cls.__abstractmethods__))
+                raise PluginError(f"plugin {plugin!r} registered {kind} {name!r} as {cls.__qualname__}, which does "
+                                  f"not implement {missing} of maeframe.{base.__name__}")
             if name in table:
                 raise PluginError(
                     f"{kind} {name!r} is registered twice: by plugin {table[name].plugin!r} and by plugin {plugin!r}"

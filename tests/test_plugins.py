@@ -28,7 +28,10 @@ from maeframe.build import prepare
 from maeframe.plugins import BLOCK_ENV, make_plugin_manager, plugin_distribution
 from maeframe.registry import KINDS, Registry
 import conftest
-from conftest import QUICKSTART
+from conftest import QUICKSTART, tiny
+from maeframe.engine.checkpoint import atomic_save, load_checkpoint
+from maeframe.engine.pretrain import Pretrainer
+from maeframe.errors import MaeframeError
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "maeframe-plugin-example"
@@ -423,3 +426,71 @@ def test_installed_plugin_that_fails_to_import_names_its_entry_point(tmp_path, m
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(PluginError, match=r"plugin 'broken' \(mf-broken 0.1.*failed to import.*missing dependency"):
         make_plugin_manager()
+
+
+STATE_PLUGIN = """
+import torch
+from maeframe import Masker, Mask, hookimpl
+
+class Counting(Masker):
+    '''random masking that counts its calls; state version {version}'''
+    state_version = {version}
+    calls = 0
+    def __call__(self, batch_size, device):
+        self.calls += 1
+        noise = torch.rand(batch_size, self.spec.num_tokens, device=device)
+        return Mask.from_noise(noise, self.spec.num_tokens // 4)
+    def state_dict(self):
+        return {state}
+    def load_state_dict(self, state):
+        self.calls = state["calls"]
+{migrate}
+class NoCall(Masker):
+    '''forgot __call__'''
+
+@hookimpl
+def register_maskers(register):
+    register("counting", Counting)
+{extra}
+"""
+
+
+def write_state_plugin(folder, version, state, migrate="", extra=""):
+    (folder / "counting_plugin.py").write_text(STATE_PLUGIN.format(version=version, state=state, migrate=migrate,
+                                                                   extra=extra))
+    for module in [m for m in sys.modules if m.startswith("counting_plugin")]:
+        del sys.modules[module]
+
+
+def test_component_state_is_versioned_migrated_or_refused_by_name(tmp_path, monkeypatch):
+    """A plugin that changes its state's layout raises state_version and migrates old checkpoints; without
+    a migration, or with a state that does not fit, the resume stops naming the recipe field and the class."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    overrides = tiny(tmp_path / "out", "plugins=[counting_plugin]", "masker={name: counting}", "runtime.max_steps=2")
+    write_state_plugin(tmp_path, 1, '{"calls": self.calls}')
+    Pretrainer(prepare(QUICKSTART, overrides)).train()
+    saved = load_checkpoint(tmp_path / "out" / "quickstart" / "last.pt")["components"]["masker"]
+    assert saved["version"] == 1 and saved["state"] == {"calls": 2} and saved["component"].endswith("Counting")
+    more = [o for o in overrides if not o.startswith("runtime.max_steps")] + ["runtime.max_steps=3"]
+    write_state_plugin(tmp_path, 2, '{"n": self.calls}')  # version 2 renamed the key, with no migration
+    with pytest.raises(MaeframeError, match=r"masker \(counting_plugin.Counting\): .*state version 1.*reads version 2"):
+        Pretrainer(prepare(QUICKSTART, more), resume=True)
+    write_state_plugin(tmp_path, 1, '{"calls": self.calls}', extra="")  # same version, but the key is gone:
+    state_path = tmp_path / "out" / "quickstart" / "last.pt"
+    state = load_checkpoint(state_path)
+    state["components"]["masker"]["state"] = {"count": 2}
+    atomic_save(state, state_path)
+    with pytest.raises(MaeframeError, match=r"masker \(counting_plugin.Counting\): the checkpoint's state does not fit.*KeyError"):
+        Pretrainer(prepare(QUICKSTART, more), resume=True)
+    migrate = "    def migrate_state(self, state, version):\n        return {'calls': state['count']}\n"
+    write_state_plugin(tmp_path, 2, '{"calls": self.calls}', migrate=migrate)
+    trainer = Pretrainer(prepare(QUICKSTART, more), resume=True)
+    assert trainer.components.masker.calls == 2
+
+
+def test_a_component_missing_a_required_method_is_refused_at_registration(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    write_state_plugin(tmp_path, 1, "{}", extra='    register("nocall", NoCall)')
+    with pytest.raises(PluginError, match=r"plugin 'counting_plugin' registered masker 'nocall' as NoCall, which does "
+                                          r"not implement __call__ of maeframe.Masker"):
+        prepare(QUICKSTART, tiny(tmp_path, "plugins=[counting_plugin]"))

@@ -290,7 +290,7 @@ def test_timm_teacher_stays_frozen_while_the_encoder_trains(tmp_path, teacher_fi
                    if k.startswith("blocks."))
     assert trainer.model.decoder.head.out_features == 192
     assert all(math.isfinite(loss) for loss in logged_losses(tmp_path / "quickstart"))
-    assert trainer.state_dict()["components"]["target"] == {}  # the frozen weights stay in their file
+    assert trainer.state_dict()["components"]["target"]["state"] == {}  # the frozen weights stay in their file
 
 
 # --- feature: EMA teacher --------------------------------------------------------------------------------

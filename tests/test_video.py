@@ -277,10 +277,12 @@ def test_the_engine_loader_substitutes_logs_once_and_counts_bad_files(tmp_path, 
     with caplog.at_level(logging.WARNING, logger="maeframe.data"):
         first = [seeded[(i, 7)] for i in range(len(dataset))]
         second = [seeded[(i, 7)] for i in range(len(dataset))]
-    assert [f[2] for f in first] == [0, 1, 0, 1, 0, 0] == [s[2] for s in second]   # counted at every read
-    assert torch.equal(first[1][0], first[2][0]) and first[1][1] == first[2][1] == 0   # replaced by the next
-    assert not torch.equal(first[1][0], first[0][0])               # a/3 (pristine), not a/1 (distorted)
-    assert torch.equal(first[3][0], first[4][0]) and first[3][1] == 1
+    counts = [f[2] for f in first]
+    assert counts == [s[2] for s in second] and counts[0] == counts[2] == counts[4] == counts[5] == 0
+    assert counts[1] >= 1 and counts[3] >= 1                         # counted at every read
+    for bad in (1, 3):  # replaced by a readable sample drawn from the item's seed (the same at every read)
+        assert any(torch.equal(first[bad][0], first[good][0]) and first[bad][1] == first[good][1]
+                   for good in (0, 2, 4, 5))
     assert all(torch.equal(a[0], b[0]) for a, b in zip(first, second))
     warnings = [r.getMessage() for r in caplog.records if "unreadable sample" in r.getMessage()]
     assert len(warnings) == 2                                       # once per bad file
@@ -289,7 +291,8 @@ def test_the_engine_loader_substitutes_logs_once_and_counts_bad_files(tmp_path, 
     # training: the substitute gets the augmentation seed of the requested item
     train = SeededDataset(VideoFolderDataset(VideoFolderOptions(root=str(root), short_side=36),
                                              tokenizer().input_shape, True))
-    assert torch.equal(train[(1, 5)][0], train[(2, 5)][0]) and train[(1, 5)][2] == 1
+    replaced = train[(1, 5)]
+    assert replaced[2] >= 1 and torch.equal(replaced[0], train[(1, 5)][0])
 
 
 def test_missing_folder_and_wrong_tokenizer_are_clear_errors(tmp_path):

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from ..errors import MaeframeError
 from ..model.mae import count_parameters
 from .data import SeededDataset
 from .fsdp import root_gathered
@@ -60,17 +61,21 @@ class Pretrainer(Trainer):
 
     # --- state -------------------------------------------------------------------------------------------
 
-    def extra_state(self) -> dict[str, Any]:
+    def _stateful(self) -> dict[str, tuple[str, Any]]:
+        """{checkpoint key: (recipe field, component)} of the components whose state a checkpoint keeps."""
         c = self.components
-        return {"components": {"masker": c.masker.state_dict(), "target": c.target.state_dict(),
-                               **{f"loss.{i}": loss.state_dict() for i, (_, _, loss) in enumerate(c.losses)}}}
+        return {"masker": ("masker", c.masker), "target": ("target", c.target),
+                **{f"loss.{i}": (f"losses.{i}", loss) for i, (_, _, loss) in enumerate(c.losses)}}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"components": {key: part.versioned_state() for key, (_, part) in self._stateful().items()}}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        c = self.components
-        c.masker.load_state_dict(state["components"]["masker"])
-        c.target.load_state_dict(state["components"]["target"])
-        for i, (_, _, loss) in enumerate(c.losses):
-            loss.load_state_dict(state["components"][f"loss.{i}"])
+        saved = state["components"]
+        for key, (field, part) in self._stateful().items():
+            if key not in saved:
+                raise MaeframeError(f"{field}: the checkpoint holds no state for it (it has {sorted(saved)})")
+            part.load_versioned_state(saved[key], field)
 
     def run_facts(self) -> dict[str, Any]:
         registry = self.prepared.registry
