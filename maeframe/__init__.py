@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time `__getattr_
     from .loss import Loss, Prediction, masked_mean
     from .masker import Mask, Masker, visible_count
     from .target import Target, TargetOut
+    from .seeding import python_numpy_seeded
     from .tokenizer import Tokenizer, Tokens, TokenSpec, as_pair
 
 __version__ = "0.1.0"
@@ -26,7 +27,7 @@ _LAZY = {  # public name -> submodule defining it (each imports torch)
     "Component": "component", "Options": "component", "Dataset": "dataset", "Loss": "loss",
     "Prediction": "loss", "masked_mean": "loss", "Mask": "masker", "Masker": "masker",
     "visible_count": "masker", "Target": "target", "TargetOut": "target", "Tokenizer": "tokenizer",
-    "Tokens": "tokenizer", "TokenSpec": "tokenizer", "as_pair": "tokenizer",
+    "Tokens": "tokenizer", "TokenSpec": "tokenizer", "as_pair": "tokenizer", "python_numpy_seeded": "seeding",
 }
 __all__ = [*_LAZY, "hookimpl", "MaeframeError", "OptionError", "PluginError", "RecipeError"]
 

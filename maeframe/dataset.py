@@ -40,6 +40,24 @@ class Dataset(Component, torch.utils.data.Dataset):
     @abstractmethod
     def __getitem__(self, index: int) -> tuple[Tensor, int]: ...
 
+    @property
+    def views(self) -> int:
+        """Test views per evaluation sample (e.g. video clips × spatial crops). With V > 1 an evaluation item is
+        [V, *input_shape] and the engine averages the views' probabilities per sample. Default 1."""
+        return 1
+
+    @property
+    def view_layout(self) -> dict[str, int]:
+        """How the `views` are made, for results.json (e.g. {"clips": 5, "crops": 3}). Default: nothing."""
+        return {}
+
+    def use_finetune_augment(self, rand_augment: str | None, random_erasing: float) -> None:
+        """Fine-tuning asks the training set to add RandAugment (a timm spec) and random erasing (a
+        probability) to its per-sample pipeline, drawn from the per-sample seeded generators. A dataset that
+        cannot (the default) is refused with an error naming `augment.rand_augment` / `augment.random_erasing`."""
+        raise ValueError(f"{type(self).__name__} applies no RandAugment or random erasing; set "
+                         f"augment.rand_augment: null and augment.random_erasing: 0")
+
     def unreadable(self) -> list[str]:
         """Files passed over while the dataset was built because they cannot be read (e.g. a failed header
         check), each with why. The engine counts them as failed reads under `data.max_bad_fraction` (with

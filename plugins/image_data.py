@@ -22,6 +22,7 @@ from torchvision.transforms import v2
 from maeframe import Dataset, Options, hookimpl
 
 from .folders import OUTSIDE_CLASSES, extension_reason, log_passed_over
+from .image_augment import FinetuneAugment
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_HINT = ("install it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu; `make data` does it) "
@@ -58,6 +59,7 @@ class ImageDataset(Dataset):
                                      v2.Normalize(options.mean, options.std)])
         self._mean = torch.tensor(options.mean).view(1, -1, 1, 1)
         self._std = torch.tensor(options.std).view(1, -1, 1, 1)
+        self.finetune_augment: FinetuneAugment | None = None
 
     def _fit_channels(self, image: Tensor) -> Tensor:
         channels = self.input_shape[0]
@@ -69,7 +71,17 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         image, label = self._load(index)
-        return self.transform(self._fit_channels(image)), label
+        image = self.transform(self._fit_channels(image))
+        return (image if self.finetune_augment is None else self.finetune_augment(image)), label
+
+    def use_finetune_augment(self, rand_augment: str | None, random_erasing: float) -> None:
+        """Fine-tuning: timm RandAugment and random erasing after the crop and flip (1- or 3-channel images)."""
+        channels, height, width = self.input_shape
+        if channels not in (1, 3):
+            raise ValueError(f"RandAugment works on 1- or 3-channel images, these have {channels}; set "
+                             f"augment.rand_augment: null and augment.random_erasing: 0")
+        self.finetune_augment = FinetuneAugment(rand_augment, random_erasing, height, width, tuple(self.options.mean),
+                                                tuple(self.options.std))
 
     def denormalize(self, batch: Tensor) -> Tensor:
         return (batch * self._std.to(batch.device) + self._mean.to(batch.device)).clamp(0, 1)

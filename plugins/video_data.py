@@ -47,10 +47,10 @@ from pydantic import Field, model_validator
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 
-from maeframe import Dataset, Options, hookimpl
-from maeframe.engine.augment import build_rand_augment, python_numpy_seeded
+from maeframe import Dataset, Options, hookimpl, python_numpy_seeded
 
 from .folders import OUTSIDE_CLASSES, extension_reason, log_passed_over
+from .image_augment import build_rand_augment
 from .image_data import FASHION_MNIST_ROOT, load_fashion_mnist
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp",

@@ -10,7 +10,6 @@ from timm.optim import Lars, param_groups_layer_decay
 
 from maeframe.build import build_dataset, prepare
 from maeframe.cli import main
-from maeframe.engine.augment import FinetuneAugment
 from maeframe.engine.checkpoint import load_checkpoint
 from maeframe.engine.data import SeededDataset
 from maeframe.engine.run import run_task
@@ -145,12 +144,14 @@ def test_metrics_on_known_values(tmp_path):
 
 def test_rand_augment_and_erasing_on_grayscale_are_seeded():
     prepared = prepare(FINETUNE, ["data.train.options.limit=8"])
-    base = build_dataset(prepared, "train")
-    augmented = SeededDataset(FinetuneAugment(base, prepared.recipe.augment))
+    plain = SeededDataset(build_dataset(prepared, "train"))
+    augment = prepared.recipe.augment
+    augmented = build_dataset(prepared, "train")
+    augmented.use_finetune_augment(augment.rand_augment, augment.random_erasing)  # the dataset's own protocol
+    augmented = SeededDataset(augmented)
     first = [augmented[(i, 100 + i)][0] for i in range(8)]
     assert all(x.shape == (1, 28, 28) for x in first)
     assert all(torch.equal(a, augmented[(i, 100 + i)][0]) for i, a in enumerate(first))
-    plain = SeededDataset(base)
     assert any(not torch.equal(a, plain[(i, 100 + i)][0]) for i, a in enumerate(first))
 
 
@@ -325,7 +326,7 @@ def test_finetune_counts_unreadable_samples(tmp_path, pretrained, monkeypatch):
     real = SeededDataset.__getitem__
     monkeypatch.setattr(SeededDataset, "__getitem__",  # every sample reports one failed read before it
                         lambda self, item: (*real(self, item)[:2], 1))
-    with pytest.raises(MaeframeError, match="sample reads failed .*data.max_bad_fraction=0.01"):
+    with pytest.raises(MaeframeError, match="sample reads failed.*data.max_bad_fraction=0.01"):
         FineTuner(prepare(FINETUNE, overrides(tmp_path / "a", pretrained))).train()
     trainer = FineTuner(prepare(FINETUNE, overrides(tmp_path / "b", pretrained, "data.max_bad_fraction=0.6")))
     trainer.train()

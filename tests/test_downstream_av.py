@@ -20,7 +20,7 @@ from maeframe.engine.run import run_task
 from maeframe.engine.finetune import FineTuner
 from maeframe.model.classifier import Classifier
 from maeframe.engine.pretrain import Pretrainer
-from maeframe.errors import MaeframeError
+from maeframe.errors import MaeframeError, RecipeError
 from maeframe.interop.export_classifier import load_classifier
 from maeframe.interop.official_av import audiomae_to_maeframe, videomae_to_maeframe
 from maeframe.recipe import EncoderConfig
@@ -241,8 +241,9 @@ def test_spec_augment_masks_whole_stripes_reproducibly():
 
 
 def test_spec_augment_rejects_image_augmentations(tmp_path, audio_checkpoint):
-    with pytest.raises(ValueError, match="augment.rand_augment .* freqm / timem"):
+    with pytest.raises(RecipeError, match="augment.rand_augment: .* freqm / timem") as refused:
         FineTuner(audio_finetune(tmp_path, audio_checkpoint, "augment.rand_augment=rand-m9-mstd0.5"))
+    assert [field for field, _ in refused.value.problems] == ["augment.rand_augment"]
 
 
 # --- runs -----------------------------------------------------------------------------------------------

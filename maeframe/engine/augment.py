@@ -1,113 +1,13 @@
-"""Fine-tuning augmentation on top of a dataset's own pipeline: timm RandAugment and random erasing, and
-batch mixing (`BatchMixup`: timm's mixup/cutmix for inputs of any rank and for multi-hot targets).
-
-The wrapped dataset yields normalised [C, H, W] images after its crop and flip (RandomResizedCrop + flip,
-as MAE fine-tuning). This wrapper undoes the normalisation, applies RandAugment on an 8-bit PIL image
-(mode "L" for 1 channel, "RGB" for 3), normalises again and erases a random box with per-pixel normal
-noise (timm RandomErasing, mode "pixel", as DeiT/MAE). The order matches timm's `create_transform`.
-
-timm draws these augmentations from Python's `random` and NumPy's global generator; the wrapper seeds
-both from the torch generator that `SeededDataset` seeds per sample, and restores them afterwards, so the
-augmentation depends only on (run seed, epoch, position) -- whatever the number of workers, and across a
-resume.
-"""
+"""Batch mixing of fine-tuning (`BatchMixup`: timm's mixup/cutmix for inputs of any rank and for multi-hot
+targets), the same for every modality. Per-sample augmentation (RandAugment, erasing, SpecAugment) belongs to
+the dataset plugins (`maeframe.Dataset.use_finetune_augment`)."""
 from __future__ import annotations
 
-import contextlib
-import random
-
-import numpy as np
-import torch
-from PIL import Image, ImageOps
 from timm.data import Mixup
 from timm.data.mixup import cutmix_bbox_and_lam, mixup_target
-from timm.data.auto_augment import rand_augment_transform
-from timm.data.random_erasing import RandomErasing
 from torch import Tensor
-from torch.utils.data import Dataset
-from torchvision.transforms import v2
 
-from ..recipe import AugmentConfig
-
-
-def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
-    """timm's posterize for Pillow >= 13, which rejects 0 bits; keeping 0 bits is a black image."""
-    if bits_to_keep >= 8:
-        return img
-    if bits_to_keep <= 0:
-        return Image.new(img.mode, img.size, 0)
-    return ImageOps.posterize(img, bits_to_keep)
-
-
-def build_rand_augment(spec: str, height: int, width: int, mean: tuple[float, ...]):
-    """timm's RandAugment for 8-bit PIL images of height × width whose fill colour is `mean` (0..1 per channel);
-    translations up to 45% of the shorter side, posterize patched for Pillow >= 13."""
-    fill = tuple(round(255 * m) for m in mean)
-    transform = rand_augment_transform(spec, {"translate_const": int(min(height, width) * 0.45), "img_mean": fill})
-    for op in transform.ops:
-        if "Posterize" in op.name:
-            op.aug_fn = _posterize
-    return transform
-
-
-@contextlib.contextmanager
-def python_numpy_seeded(seed: int):
-    """Seed Python's and NumPy's global generators for the block, then put their states back."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    try:
-        yield
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-
-
-class FinetuneAugment(Dataset):
-    """dataset[i] -> (RandAugment + random erasing of the image, label). Needs an image dataset whose options
-    carry `mean` and `std` (the built-in fashion_mnist and image_folder do)."""
-
-    device_transform = None  # as `maeframe.Dataset`: samples are ready as loaded
-
-    def unreadable(self) -> list[str]:
-        return self.dataset.unreadable()
-
-    def __init__(self, dataset: Dataset, config: AugmentConfig):
-        self.dataset = dataset
-        self.classes = getattr(dataset, "classes", None)
-        shape = tuple(getattr(dataset, "input_shape", ()))
-        options = getattr(dataset, "options", None)
-        if len(shape) != 3 or shape[0] not in (1, 3) or not hasattr(options, "mean"):
-            raise ValueError(f"augment.rand_augment needs [C, H, W] images with 1 or 3 channels and mean/std "
-                             f"options; got a {type(dataset).__name__} of shape {shape} (set "
-                             f"augment.rand_augment: null and augment.random_erasing: 0)")
-        channels, height, width = shape
-        self.mean = torch.tensor(options.mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(options.std, dtype=torch.float32).view(-1, 1, 1)
-        self.rand_augment = None
-        if config.rand_augment:
-            self.rand_augment = build_rand_augment(config.rand_augment, height, width, options.mean)
-        self.erase = (RandomErasing(config.random_erasing, mode="pixel", max_count=1, device="cpu")
-                      if config.random_erasing > 0 else None)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def _rand_augment(self, image: Tensor) -> Tensor:
-        pixels = (image * self.std + self.mean).clamp(0, 1).mul(255).round().to(torch.uint8)
-        picture = v2.functional.to_pil_image(pixels)
-        pixels = v2.functional.pil_to_tensor(self.rand_augment(picture))
-        return (pixels.float() / 255 - self.mean) / self.std
-
-    def __getitem__(self, index: int):
-        image, label = self.dataset[index]
-        seed = int(torch.randint(0, 2**62, ()))
-        with python_numpy_seeded(seed):
-            if self.rand_augment is not None:
-                image = self._rand_augment(image)
-            if self.erase is not None:
-                image = self.erase(image)
-        return image, label
+from ..seeding import python_numpy_seeded
 
 
 class BatchMixup(Mixup):

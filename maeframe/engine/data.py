@@ -95,7 +95,7 @@ class SeededDataset(Dataset):
             except Exception as err:  # any failure of one sample is that sample's problem
                 if candidate not in self.reported:
                     self.reported.add(candidate)
-                    where = self.dataset.describe(candidate) if hasattr(self.dataset, "describe") else candidate
+                    where = self.dataset.describe(candidate)
                     log.warning("skipping unreadable sample %s: %s: %s", where, type(err).__name__, err)
             step = 1 + int(torch.randint(max(len(self.dataset) - 1, 1), (), generator=replacements))
             candidate = (candidate + step) % len(self.dataset)  # any other sample, never the one that failed

@@ -120,7 +120,7 @@ def load_encoder(module: torch.nn.Module, weights: dict[str, Tensor], source: st
 
 def dataset_classes(head: HeadConfig | None, dataset: Dataset, labels: Tensor | None = None) -> list[str]:
     """Class names: the dataset's `classes`, else "0".."C-1" for head.num_classes or the labels seen."""
-    names = getattr(dataset, "classes", None)
+    names = dataset.classes
     count = head.num_classes if head is not None and head.num_classes else None
     if names is not None and (count is None or count == len(names)):
         return [str(n) for n in names]
@@ -136,7 +136,7 @@ def eval_label_map(train_set: Dataset, eval_set: Dataset, field: str = "data.eva
     classes as the training set does, or either names none). Each folder dataset numbers its own
     sub-folders, so an eval folder with a subset of the classes would otherwise shift every label. An eval
     class the training set does not have is an error naming it."""
-    names, train = getattr(eval_set, "classes", None), getattr(train_set, "classes", None)
+    names, train = eval_set.classes, train_set.classes
     if names is None or train is None:
         return None
     train_classes = [str(n) for n in train]
@@ -165,7 +165,7 @@ def relabel(labels: Tensor, mapping: Tensor | None, num_classes: int) -> Tensor:
 def dataset_views(dataset: Dataset) -> int:
     """Views per evaluation sample: a dataset with `views` = V > 1 yields [V, *input_shape] per sample
     (e.g. video clips × spatial crops); 1 otherwise."""
-    views = int(getattr(dataset, "views", 1))
+    views = int(dataset.views)
     if views < 1:
         raise MaeframeError(f"{type(dataset).__name__}.views is {views}; it must be at least 1")
     return views

@@ -23,8 +23,9 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..build import build_dataset
+from ..errors import RecipeError
 from ..model.mae import count_parameters
-from .augment import BatchMixup, FinetuneAugment
+from .augment import BatchMixup
 from .data import MIXUP_STREAM, stream_seed
 from .distributed import mirrored_rows
 from .downstream import (dataset_classes, dataset_views, encoder_layout, eval_label_map, load_encoder, predict,
@@ -70,18 +71,16 @@ class FineTuner(Trainer):
     # --- construction (LinearProbe overrides some) -------------------------------------------------------
 
     def build_train_set(self):
-        """The training dataset with RandAugment / random erasing: a dataset that has its own
-        `use_finetune_augment(rand_augment, random_erasing)` (video clips: the same ops on every frame)
-        applies them itself; any other is wrapped in the image `FinetuneAugment`."""
+        """The training dataset, asked to add RandAugment / random erasing to its per-sample pipeline
+        (`Dataset.use_finetune_augment`: images after the crop, clips with the same ops on every frame)."""
         dataset = train_set_without_device_transform(self.prepared)
         augment = self.recipe.augment
-        if not (augment.rand_augment or augment.random_erasing > 0):
-            return dataset
-        own = getattr(dataset, "use_finetune_augment", None)
-        if own is not None:
-            own(augment.rand_augment, augment.random_erasing)
-            return dataset
-        return FinetuneAugment(dataset, augment)
+        if augment.rand_augment or augment.random_erasing > 0:
+            try:
+                dataset.use_finetune_augment(augment.rand_augment, augment.random_erasing)
+            except ValueError as err:
+                raise RecipeError([("augment.rand_augment", str(err))]) from None
+        return dataset
 
     def setup(self) -> None:
         self.tokenizer = self.prepared.components.tokenizer
@@ -205,7 +204,7 @@ class FineTuner(Trainer):
     def eval_views(self) -> dict[str, Any]:
         """The test views averaged per eval sample: their count and the dataset's own description
         (`view_layout`, e.g. {"clips": 5, "crops": 3})."""
-        return {"views": dataset_views(self.eval_set), **dict(getattr(self.eval_set, "view_layout", {}))}
+        return {"views": dataset_views(self.eval_set), **self.eval_set.view_layout}
 
     # --- state ---------------------------------------------------------------------------------------------
 
