@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import Tensor
 
@@ -22,6 +23,11 @@ class Target(Component):
     """Builds per-token targets; tells the decoder head its output size through `out_dim`."""
 
     kind = "target"
+    # True when `reconstruct` maps predictions back to the input itself (pixels, spectrogram values, ...):
+    # pictures paste it into the sample and `maeframe compare` scores masked PSNR and high-frequency error.
+    # False (the default): `reconstruct`, if any, draws the target's own space (edges, frequencies, ...):
+    # pictures show the true target beside the prediction, and pixel metrics are n/a.
+    reconstructs_pixels: ClassVar[bool] = False
 
     def __init__(self, options: Options, tokenizer: Tokenizer):
         super().__init__(options)
@@ -37,5 +43,7 @@ class Target(Component):
         targets that need fp32 arithmetic disable autocast locally."""
 
     def reconstruct(self, prediction: Tensor, tokens: Tokens) -> Tensor | None:
-        """Map predictions [B, N, out_dim] back to patch space [B, N, patch_dim] for pictures, if possible."""
+        """Map per-token values [B, N, out_dim] (a prediction, or this target's own values) to patch space
+        [B, N, patch_dim] for pictures, if possible: the input itself when `reconstructs_pixels`, else a
+        drawing of the target's space. None: the target has no picture."""
         return None

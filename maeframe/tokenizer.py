@@ -5,10 +5,14 @@ import math
 from abc import abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
 from .component import Component
+
+if TYPE_CHECKING:  # the masker module imports this one
+    from .masker import Mask
 
 
 def as_pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -73,14 +77,16 @@ class Tokenizer(Component):
         """[B, N, patch_dim] -> [B, *input_shape]; exact inverse of `tokenize`, with patch borders at
         multiples of `patch_size` along each axis."""
 
-    def save_pictures(self, panels: Tensor, path: Path) -> list[Path]:
+    def save_pictures(self, panels: Tensor, path: Path, mask: Mask | None = None) -> list[Path]:
         """Draw reconstructions: panels [B, 4, *input_shape] in [0, 1] (original | masked | reconstruction |
-        reconstruction with visible patches pasted back). Writes `path` (.png) and any extra files (e.g. a
-        GIF for video, audio for spectrograms) and returns their paths. The default draws [C, H, W]
-        samples with 1 or 3 channels as a PNG grid; other modalities override it."""
+        reconstruction with visible patches pasted back, or, for a target outside pixel space, original |
+        masked | true target | prediction), drawn under `mask` (the samples' `Mask`, on the CPU, for
+        tokenizers that mark hidden regions themselves). Writes `path` (.png) and any extra files (e.g. a GIF
+        for video, audio for spectrograms) and returns their paths. The default draws [C, H, W] samples with 1
+        or 3 channels as a PNG grid; other modalities override it."""
         if panels.dim() != 5 or panels.shape[2] not in (1, 3):
             return []
-        from .engine.visualize import save_panels
+        from .pictures import save_panels
 
         save_panels(panels, path)
         return [path]

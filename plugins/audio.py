@@ -15,7 +15,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from maeframe import Options, Tokenizer, Tokens, TokenSpec, as_pair, hookimpl
+from maeframe import Mask, Options, Tokenizer, Tokens, TokenSpec, as_pair, hookimpl
 
 from .audio_data import DISPLAY_RANGE
 
@@ -88,16 +88,17 @@ class SpectrogramTokenizer(Tokenizer):
 
     # --- pictures and audio ------------------------------------------------------------------------------
 
-    def save_pictures(self, panels: Tensor, path: Path) -> list[Path]:
+    def save_pictures(self, panels: Tensor, path: Path, mask: Mask | None = None) -> list[Path]:
         """panels [B, 4, 1, T, F] in [0, 1] -> one PNG: a row per sample, the four panels side by side, each
         a spectrogram with time to the right and low frequencies at the bottom; plus `audio_samples` × 2 wavs
-        (`<stem>-<i>-original.wav`, `<stem>-<i>-reconstruction.wav`, the latter with visible patches pasted)."""
+        (`<stem>-<i>-original.wav`, `<stem>-<i>-reconstruction.wav`, the latter with visible patches pasted);
+        the `mask`'s hidden patches are drawn grey in the masked panel."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         hidden = None
-        if panels.shape[1] > 1:  # hidden patches of the "masked" panel are filled with 0.5: draw them grey
-            patches = self.tokenize(panels[:, 1]).patches
-            hidden = self.untokenize((patches == 0.5).all(-1, keepdim=True).expand_as(patches).float()) > 0
+        if mask is not None:  # the hidden patches of the "masked" panel are drawn grey
+            spread = mask.masked.unsqueeze(-1).expand(-1, -1, self.spec.patch_dim).contiguous()
+            hidden = self.untokenize(spread) > 0
         spectrogram_grid(panels, self.options.colormap, hidden).save(path)
         written = [path]
         for i in range(min(self.options.audio_samples, panels.shape[0])):

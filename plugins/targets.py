@@ -18,6 +18,8 @@ class PixelTarget(Target):
     The variance is the unbiased one over the patch's values, as in the MAE reference.
     """
 
+    reconstructs_pixels = True  # the input's own pixels (norm_pix undone with the true patch statistics)
+
     Options = PixelOptions
 
     @property

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from maeframe import Tokenizer, Tokens, TokenSpec, hookimpl
+from maeframe import Mask, Tokenizer, Tokens, TokenSpec, hookimpl
 from .image import ImagePatchOptions
 
 MIN_SIDE = 112          # frames smaller than this are enlarged (nearest neighbour) in the pictures
@@ -74,7 +74,7 @@ class VideoTubeTokenizer(Tokenizer):
         x = patches.reshape(b, gt, gh, gw, t, p, q, c).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(b, c, gt * t, gh * p, gw * q)
 
-    def save_pictures(self, panels: Tensor, path: Path) -> list[Path]:
+    def save_pictures(self, panels: Tensor, path: Path, mask: Mask | None = None) -> list[Path]:
         """panels [B, 4, C, T, H, W] in [0, 1] -> `path` (PNG: per sample 4 rows × T frames) and
         `path` with suffix .gif (per sample one row of the 4 panels side by side, animated over T)."""
         if panels.dim() != 6 or panels.shape[2] not in (1, 3):

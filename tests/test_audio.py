@@ -22,6 +22,7 @@ from maeframe.build import prepare
 from maeframe.cli import main
 from maeframe.engine.data import SeededDataset
 from maeframe.engine.pretrain import Pretrainer
+from maeframe import Mask
 from maeframe.model import MaskedAutoencoder
 from maeframe.plugins import make_plugin_manager
 from maeframe.registry import Registry
@@ -145,7 +146,10 @@ def test_spectrogram_picture_and_griffin_lim_audio(tmp_path):
     panels[:, :, :, :, :4] = 1.0      # loud lowest mel bins
     panels[:, :, :, 10:20] = 0.25     # and a band of time frames
     panels[:, 1, :, 48:64, 16:32] = 0.5  # the masked panel: one hidden patch (time 3, frequency 1)
-    paths = tok.save_pictures(panels, tmp_path / "pics" / "epoch0001.png")
+    panels[:, 1, :, 0:16, 0:16] = 0.5    # a visible patch that happens to hold 0.5 everywhere: not grey
+    masked = torch.zeros(2, 8, dtype=torch.bool)
+    masked[:, 3 * 2 + 1] = True          # token (time 3, frequency 1) in the 4 × 2 grid
+    paths = tok.save_pictures(panels, tmp_path / "pics" / "epoch0001.png", Mask.from_bool(masked))
     from PIL import Image
 
     assert [p.name for p in paths] == ["epoch0001.png", "epoch0001-0-original.wav",
@@ -158,6 +162,7 @@ def test_spectrogram_picture_and_griffin_lim_audio(tmp_path):
     left = 64 * scale + 2  # the masked panel: its hidden patch (upper half, last quarter of time) is grey
     assert picture[14 + 2, left + 60 * scale].tolist() == [200, 200, 200]
     assert picture[14 + 2, left + 30 * scale].tolist() == top.tolist()
+    assert picture[14 + 32 * scale - 2, left + 5 * scale].tolist() != [200, 200, 200]  # visible, though 0.5
     audio, rate = soundfile.read(str(paths[1]))
     assert rate == 16000 and audio.shape[0] > 0.6 * 16000 and np.abs(audio).max() <= 0.9 + 1e-3
 

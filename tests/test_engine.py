@@ -61,7 +61,7 @@ def test_existing_run_is_never_overwritten(tmp_path):
     train(tmp_path, "runtime.max_steps=1")
     with pytest.raises(MaeframeError, match="already holds a run"):
         Pretrainer(prepare(QUICKSTART, tiny(tmp_path)))
-    with pytest.raises(MaeframeError, match="does not exist"):
+    with pytest.raises(MaeframeError, match="there is no run at .*other to resume"):
         Pretrainer(prepare(QUICKSTART, tiny(tmp_path, "name=other")), resume=True)
 
 

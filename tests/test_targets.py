@@ -523,3 +523,48 @@ def test_targets_are_registered_under_their_names():
     assert registry.get("target", "hog").cls is HOGTarget
     assert registry.get("target", "feature").cls is FeatureTarget
     assert registry.get("target", "frequency").cls is FrequencyTarget
+
+
+EDGE_TARGET = """
+from maeframe import Target, TargetOut, hookimpl
+
+class Edges(Target):
+    '''|patch - its mean|: a target in its own space (not pixels), which can draw itself.'''
+    @property
+    def out_dim(self):
+        return self.tokenizer.spec.patch_dim
+    def __call__(self, tokens, mask):
+        patches = tokens.patches.float()
+        return TargetOut((patches - patches.mean(-1, keepdim=True)).abs())
+    def reconstruct(self, prediction, tokens):
+        return prediction
+
+@hookimpl
+def register_targets(register):
+    register("edges", Edges)
+"""
+
+
+def test_a_target_outside_pixel_space_is_drawn_in_its_own_space_and_not_scored_as_pixels(tmp_path, monkeypatch):
+    """Its `reconstruct` is no picture of the input: no masked PSNR or high-frequency error ("n/a"), and the
+    pictures show the true target beside the prediction instead of pasting the prediction into the image."""
+    from maeframe.engine.evaluate import evaluate
+    from maeframe.engine.visualize import reconstruction_panels
+
+    (tmp_path / "edge_plugin.py").write_text(EDGE_TARGET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    trainer = Pretrainer(prepare(QUICKSTART, tiny(tmp_path, "plugins=[edge_plugin]", "target={name: edges}",
+                                                  "runtime.max_steps=2")))
+    trainer.train()
+    result = evaluate(trainer.model, trainer.prepared, limit=16, knn=False, panel_path=tmp_path / "eval.png")
+    assert result["masked_psnr"] is None and result["hf_error"] is None and result["eval_loss/mse"] > 0
+    assert trainer.visualize(tmp_path / "pictures.png") == [tmp_path / "pictures.png"]
+    batch = torch.stack([trainer._visual_data[(i, 0)][0] for i in range(3)])
+    with torch.no_grad():
+        tokens, mask, prediction = trainer.predict(batch)
+    target = trainer.components.target(tokens, mask)
+    panels = reconstruction_panels(trainer.components, trainer._visual_data.dataset, tokens, mask, prediction, target)
+    truth = trainer.components.tokenizer.untokenize(target.values)
+    low = truth.flatten(1).min(1).values.view(-1, 1, 1, 1)
+    assert panels.shape == (3, 4, 1, 28, 28) and float(panels[:, 2].max()) > 0.99   # scaled to [0, 1]
+    assert torch.allclose(panels[:, 2] == 0, (truth == low) & (panels[:, 2] == 0))   # the true target, drawn

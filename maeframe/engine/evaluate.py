@@ -11,8 +11,9 @@ masked_psnr   per image 10·log10(1 / MSE) with MSE over its hidden pixels only,
               The reconstruction is `target.reconstruct(prediction)` (for `pixel` with norm_pix this
               re-applies each hidden patch's TRUE mean and std, as MAE's demo does, so the number measures
               structure inside patches rather than the patch brightness). A perfect reconstruction
-              (MSE = 0) is capped at PSNR_CAP_DB = 100 dB so averages stay finite. Skipped (None) when
-              the target cannot be mapped back to pixels.
+              (MSE = 0) is capped at PSNR_CAP_DB = 100 dB so averages stay finite. Skipped (None, "n/a"
+              in reports) when the target is not in pixel space (`Target.reconstructs_pixels`): an edge
+              or feature target's prediction is no picture of the input.
 hf_error      mean over hidden pixels (and channels) of |L(pasted) − L(original)|, L = the 3×3 Laplacian
               [[0,1,0],[1,-4,1],[0,1,0]] with replicate padding, applied per channel to display-space
               images; `pasted` is the original with its hidden patches replaced by the reconstruction
@@ -31,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,7 +45,6 @@ from ..dataset import Dataset
 from ..masker import Mask, visible_count
 from ..tokenizer import Tokenizer, TokenSpec
 from .knn import encode_dataset, knn_accuracy
-from .visualize import save_panels
 
 PSNR_CAP_DB = 100.0  # PSNR of an exact reconstruction (MSE 0), so that averages stay finite
 LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
@@ -137,7 +138,7 @@ def evaluate(model: torch.nn.Module, prepared: Prepared, device: torch.device | 
 
     psnr_sum, psnr_images, hf_sum, hf_pixels = 0.0, 0, 0.0, 0.0
     loss_sums: dict[str, tuple[float, int]] = {}
-    drawable = True
+    pixels = target.reconstructs_pixels  # pixel metrics only for a target in pixel space
     start = 0
     for batch, _ in DataLoader(_first(dataset, count), batch_size=batch_size):
         stop = start + len(batch)
@@ -158,29 +159,31 @@ def evaluate(model: torch.nn.Module, prepared: Prepared, device: torch.device | 
         for name, value in terms.items():
             total, images = loss_sums.get(name, (0.0, 0))
             loss_sums[name] = (total + value * len(batch), images + len(batch))
-        recon = target.reconstruct(prediction.values.float(), tokens) if drawable else None
-        original = dataset.denormalize(tokens.source.float())
-        if recon is None or original.dim() != 4:
-            drawable = False
+        recon = target.reconstruct(prediction.values.float(), tokens) if pixels else None
+        if recon is None:
+            pixels = False
         else:
+            original = dataset.denormalize(tokens.source.float())
             reconstruction = dataset.denormalize(tokenizer.untokenize(recon))
             hidden = hidden_pixels(tokenizer, rows)
             pasted = original * (1 - hidden) + reconstruction * hidden
             psnr_sum += float(psnr_per_image(reconstruction, original, hidden).sum())
             psnr_images += len(batch)
-            hf, pixels = hf_error_sum(pasted, original, hidden)
-            hf_sum, hf_pixels = hf_sum + hf, hf_pixels + pixels
+            if original.dim() == 4:  # the Laplacian of [B, C, H, W] images
+                hf, counted = hf_error_sum(pasted, original, hidden)
+                hf_sum, hf_pixels = hf_sum + hf, hf_pixels + counted
             if panel_path is not None and start == 0:
                 shown = min(panel_samples, len(batch))
                 grey = original * (1 - hidden) + 0.5 * hidden
-                panels = torch.stack([original, grey, reconstruction, pasted], dim=1)[:shown]
-                save_panels(panels.clamp(0, 1).cpu(), panel_path)
+                panels = torch.stack([original, grey, reconstruction, pasted], dim=1)[:shown].clamp(0, 1).cpu()
+                on_cpu = Mask(*(t[:shown].cpu() for t in (rows.ids_keep, rows.ids_restore, rows.masked)))
+                tokenizer.save_pictures(panels, Path(panel_path), on_cpu)
         start = stop
 
     result: dict[str, Any] = {
         "eval_images": count, "eval_ratio": eval_ratio, "eval_seed": seed,
-        "masked_psnr": psnr_sum / psnr_images if drawable and psnr_images else None,
-        "hf_error": hf_sum / hf_pixels if drawable and hf_pixels else None,
+        "masked_psnr": psnr_sum / psnr_images if pixels and psnr_images else None,
+        "hf_error": hf_sum / hf_pixels if pixels and hf_pixels else None,
         **{f"eval_loss/{name}": total / images for name, (total, images) in loss_sums.items()},
         "knn_top1": None, "knn_train_images": 0,
     }

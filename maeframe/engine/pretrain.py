@@ -8,6 +8,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import MaeframeError
+from ..masker import Mask
 from ..model.mae import count_parameters
 from .data import SeededDataset
 from .fsdp import root_gathered
@@ -107,10 +108,12 @@ class Pretrainer(Trainer):
             torch.manual_seed(self.recipe.seed)
             mask = self.components.masker(count, self.device)
         tokens, mask, prediction = self.train_step.predict(batch, mask, self.step, model=self.model)
+        target = self.components.target(tokens, mask)
         self.model.train(was_training)
         if not self.world.is_main:  # fsdp: the other ranks only took part in the forward
             return []
-        panels = reconstruction_panels(self.components, self._visual_data.dataset, tokens, mask, prediction)
+        panels = reconstruction_panels(self.components, self._visual_data.dataset, tokens, mask, prediction, target)
         if panels is None:
             return []
-        return self.components.tokenizer.save_pictures(panels.cpu(), path)
+        on_cpu = Mask(mask.ids_keep.cpu(), mask.ids_restore.cpu(), mask.masked.cpu())
+        return self.components.tokenizer.save_pictures(panels.cpu(), path, on_cpu)

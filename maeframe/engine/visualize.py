@@ -1,45 +1,41 @@
-"""Reconstruction pictures: rows of original | masked | reconstruction | reconstruction + visible."""
+"""Reconstruction panels of a pretraining run: what the model predicts, drawn next to what it saw."""
 from __future__ import annotations
 
-import math
-from pathlib import Path
-
 import torch
-import torch.nn.functional as F
-from torchvision.utils import save_image
 
 from ..build import Components
 from ..dataset import Dataset
 from ..loss import Prediction
 from ..masker import Mask
+from ..target import TargetOut
 from ..tokenizer import Tokens
 
-MIN_SIDE = 112  # small images (e.g. 28² Fashion-MNIST) are enlarged with nearest-neighbour for viewing
 
 
 def reconstruction_panels(components: Components, dataset: Dataset, tokens: Tokens, mask: Mask,
-                          prediction: Prediction) -> torch.Tensor | None:
-    """[B, 4, *input_shape] in [0, 1]: original | masked | reconstruction | reconstruction with the visible
-    patches pasted back; None when the target has no picture (e.g. HOG or teacher features)."""
-    tokenizer = components.tokenizer
-    recon = components.target.reconstruct(prediction.values.float(), tokens)
-    original = dataset.denormalize(tokens.source.float())
+                          prediction: Prediction, target: TargetOut | None = None) -> torch.Tensor | None:
+    """[B, 4, *input_shape] in [0, 1]. A target in pixel space (`Target.reconstructs_pixels`): original |
+    masked | reconstruction | reconstruction with the visible patches pasted back. Any other target that can
+    draw itself (`reconstruct` returns patches): original | masked | true target | prediction, both in the
+    target's own space, scaled together per sample. None when the target has no picture (e.g. HOG)."""
+    tokenizer, goal = components.tokenizer, components.target
+    recon = goal.reconstruct(prediction.values.float(), tokens)
     if recon is None:
         return None
+    original = dataset.denormalize(tokens.source.float())
     hidden = mask.masked.unsqueeze(-1)
     shown = tokenizer.tokenize(original).patches
     masked = tokenizer.untokenize(shown * (1 - hidden) + 0.5 * hidden)
-    reconstruction = dataset.denormalize(tokenizer.untokenize(recon))
-    pasted = tokenizer.untokenize(shown * (1 - hidden) + tokenizer.tokenize(reconstruction).patches * hidden)
-    return torch.stack([original, masked, reconstruction, pasted], dim=1).clamp(0, 1)
-
-
-def save_panels(panels: torch.Tensor, path: Path) -> None:
-    """panels [B, K, C, H, W] in [0, 1] -> one PNG, a row per sample, small images enlarged."""
-    b, k, c, h, w = panels.shape
-    images = panels.reshape(b * k, c, h, w)
-    scale = math.ceil(MIN_SIDE / min(h, w))
-    if scale > 1:
-        images = F.interpolate(images, scale_factor=scale, mode="nearest")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images, path, nrow=k, padding=2, pad_value=1.0)
+    if goal.reconstructs_pixels:
+        reconstruction = dataset.denormalize(tokenizer.untokenize(recon))
+        pasted = tokenizer.untokenize(shown * (1 - hidden) + tokenizer.tokenize(reconstruction).patches * hidden)
+        return torch.stack([original, masked, reconstruction, pasted], dim=1).clamp(0, 1)
+    if target is None:
+        return None
+    pair = torch.stack([tokenizer.untokenize(goal.reconstruct(target.values.float(), tokens)),
+                        tokenizer.untokenize(recon)], dim=1)                           # [B, 2, *input_shape]
+    flat = pair.flatten(1)
+    low, high = flat.min(1).values, flat.max(1).values
+    scale = (high - low).clamp_min(1e-8).view(-1, *[1] * (pair.dim() - 1))
+    pair = (pair - low.view_as(scale)) / scale
+    return torch.stack([original, masked, pair[:, 0], pair[:, 1]], dim=1).clamp(0, 1)
