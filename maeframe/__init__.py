@@ -18,6 +18,8 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time `__getattr_
     from .loss import Loss, Prediction, masked_mean
     from .masker import Mask, Masker, visible_count
     from .target import Target, TargetOut
+    from .build import prepare
+    from .registry import build_component, component_class
     from .seeding import python_numpy_seeded
     from .tokenizer import Tokenizer, Tokens, TokenSpec, as_pair
 
@@ -28,6 +30,7 @@ _LAZY = {  # public name -> submodule defining it (each imports torch)
     "Prediction": "loss", "masked_mean": "loss", "Mask": "masker", "Masker": "masker",
     "visible_count": "masker", "Target": "target", "TargetOut": "target", "Tokenizer": "tokenizer",
     "Tokens": "tokenizer", "TokenSpec": "tokenizer", "as_pair": "tokenizer", "python_numpy_seeded": "seeding",
+    "prepare": "build", "build_component": "registry", "component_class": "registry",
 }
 __all__ = [*_LAZY, "hookimpl", "MaeframeError", "OptionError", "PluginError", "RecipeError"]
 

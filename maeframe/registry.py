@@ -105,10 +105,24 @@ class Registry:
         return entry.cls(entry.cls.Options.model_validate(options), *args)
 
 
-def build(kind: str, name: str, options: dict[str, Any], *args: Any) -> Component:
-    """Construct a registered component by name from inside another component's constructor, e.g. the
-    maskers a curriculum masker wraps. Works while a recipe is being prepared (or in `Registry.active()`)."""
+def _current() -> Registry:
+    """The registry a recipe is being prepared with, else one of every installed plugin."""
     registry = _ACTIVE.get()
     if registry is None:
-        raise RuntimeError("no active registry: call inside maeframe.build.prepare or `with registry.active():`")
-    return registry.build(kind, name, options, *args)
+        from .plugins import make_plugin_manager
+
+        registry = Registry(make_plugin_manager())
+    return registry
+
+
+def component_class(kind: str, name: str) -> type[Component]:
+    """The class registered as `name` of `kind` ("masker", "dataset", ...): the recipe's registry while one is
+    being prepared, else the installed plugins'. Unknown names are a PluginError listing the known ones."""
+    return _current().get(kind, name).cls
+
+
+def build_component(kind: str, name: str, options: dict[str, Any], *args: Any) -> Component:
+    """Construct a registered component by name, its `options` validated (pydantic's ValidationError
+    otherwise), e.g. the maskers a curriculum masker wraps, or a dataset a command reads. `args` are the
+    kind's constructor arguments (spec, tokenizer, or input_shape and train)."""
+    return _current().build(kind, name, options, *args)

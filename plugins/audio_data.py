@@ -643,7 +643,7 @@ def audio_stats(recipe: str | Path, overrides: Sequence[str] = (), limit: int | 
     """The fbank statistics of a recipe's training recordings (`data.train`, evaluation pipeline). With
     `write`, also stores them as JSON at the dataset's `stats_file` option. Returns the statistics plus
     `path` (the file written, or None)."""
-    from maeframe.build import prepare
+    from maeframe import prepare
 
     prepared = prepare(recipe, list(overrides))
     ref = prepared.recipe.data.train

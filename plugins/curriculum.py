@@ -7,8 +7,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, ValidationError, model_validator
 
-from maeframe import Mask, Masker, OptionError, Options, PluginError, TokenSpec, hookimpl
-from maeframe.registry import build
+from maeframe import Mask, Masker, OptionError, Options, PluginError, TokenSpec, build_component, hookimpl
 
 
 class StrategyOptions(Options):
@@ -79,7 +78,7 @@ class CurriculumMasker(Masker):
             if "ratio" in strategy.options:
                 raise ValueError(f"{label}: remove options.ratio; the curriculum sets the ratio from start/end")
             try:
-                masker = build("masker", strategy.name, strategy.options, spec)
+                masker = build_component("masker", strategy.name, strategy.options, spec)
             except PluginError as err:
                 raise ValueError(f"{label}: {err}") from err
             except (ValueError, TypeError) as err:

@@ -215,12 +215,8 @@ class FeatureTarget(Target):
     def _ema_features(self, patches: Tensor) -> Tensor:
         """patches [B, N, patch_dim] -> block `layer` output [B, N, D] of the EMA encoder on all tokens
         (the encoder's own computation: patch embedding + positions, cls token, blocks 0..layer)."""
-        enc = self.teacher
-        x = enc.patch_embed(patches) + enc.pos_embed
-        x = torch.cat([enc.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        for block in enc.blocks[: self._index + 1]:
-            x = block(x)
-        return x[:, 1:]
+        (features,) = self.teacher.forward_intermediates(patches, [self._index])
+        return features[:, 1:]
 
     def _timm_features(self, images: Tensor) -> Tensor:
         """images [B, C, H, W] -> block `layer` output [B, N, D] (prefix tokens dropped by timm)."""

@@ -25,9 +25,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from maeframe.errors import MaeframeError
-from maeframe.plugins import make_plugin_manager
-from maeframe.registry import Registry
+from maeframe import MaeframeError, build_component, component_class
 
 from .image_data import ImageDataset
 from .packed_data import FORMAT, INDEX, SOURCES, file_sha256
@@ -58,22 +56,17 @@ class DecodeResize(torch.utils.data.Dataset):
 
 def open_source(fmt: str, root: str, options: dict, channels: int, size: int) -> ImageDataset:
     """The source dataset, built by its plugin with `root` and `options` (no augmentation)."""
-    registry = Registry(make_plugin_manager())
-    entry = registry.get("dataset", fmt)
-    if not issubclass(entry.cls, ImageDataset):
-        raise MaeframeError(f"pack: dataset {fmt!r} (plugin {entry.plugin}) is not an image dataset; "
-                            f"use image_folder, fashion_mnist or another ImageDataset plugin")
+    if not issubclass(component_class("dataset", fmt), ImageDataset):
+        raise MaeframeError(f"pack: dataset {fmt!r} is not an image dataset; use image_folder, fashion_mnist or "
+                            f"another ImageDataset plugin")
     neutral = {"mean": (0.5,) * channels, "std": (0.5,) * channels}  # only _load is used: no normalisation
     try:
-        parsed = entry.cls.Options.model_validate({"root": root, **neutral, **options})
+        return build_component("dataset", fmt, {"root": root, **neutral, **options}, (channels, size, size), False)
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
         raise MaeframeError(f"pack: bad options for dataset {fmt!r}: {problems}") from err
-    with registry.active():
-        try:
-            return entry.cls(parsed, (channels, size, size), False)
-        except ValueError as err:
-            raise MaeframeError(f"pack: {fmt} at {root}: {err}") from err
+    except ValueError as err:
+        raise MaeframeError(f"pack: {fmt} at {root}: {err}") from err
 
 
 def _write_shard(folder: Path, number: int, images: np.ndarray) -> dict:

@@ -18,7 +18,8 @@ from maeframe import Mask, TokenSpec, visible_count
 from maeframe.build import prepare
 from maeframe.engine.pretrain import Pretrainer
 from maeframe.plugins import make_plugin_manager
-from maeframe.registry import Registry, build
+from maeframe import build_component as build
+from maeframe.registry import Registry
 from maeframe_plugins.curriculum import CurriculumMasker
 from maeframe_plugins.masking import RandomMasker, RandomOptions
 from maeframe_plugins.structured_masking import (

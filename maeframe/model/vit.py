@@ -56,14 +56,28 @@ class Encoder(nn.Module):
         self.blocks = make_blocks(embed_dim, depth, num_heads, mlp_ratio, drop_path)
         self.norm = LayerNorm(embed_dim)
 
-    def forward(self, patches: Tensor, ids_keep: Tensor | None = None) -> Tensor:
-        """patches [B, N, patch_dim], ids_keep [B, V] (None = all N tokens) -> latent [B, 1 + V, D]."""
+    def embed(self, patches: Tensor, ids_keep: Tensor | None = None) -> Tensor:
+        """patches [B, N, patch_dim], ids_keep [B, V] (None = all N tokens) -> the blocks' input [B, 1 + V, D]:
+        patch embedding + positions of the kept tokens, the cls token first."""
         pos = self.pos_embed.expand(patches.shape[0], -1, -1)
         if ids_keep is not None:
             patches, pos = gather_tokens(patches, ids_keep), gather_tokens(pos, ids_keep)
         x = self.patch_embed(patches) + pos
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.norm(run_blocks(self.blocks, x, self.recompute))
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+
+    def forward(self, patches: Tensor, ids_keep: Tensor | None = None) -> Tensor:
+        """patches [B, N, patch_dim], ids_keep [B, V] (None = all N tokens) -> latent [B, 1 + V, D]."""
+        return self.norm(run_blocks(self.blocks, self.embed(patches, ids_keep), self.recompute))
+
+    def forward_intermediates(self, patches: Tensor, indices: list[int], ids_keep: Tensor | None = None) -> list[Tensor]:
+        """The outputs [B, 1 + V, D] (cls token first, before the final norm) of the blocks at `indices`, running
+        no block after the last of them (timm's `forward_intermediates`, for feature taps)."""
+        x, taps = self.embed(patches, ids_keep), []
+        for i, block in enumerate(self.blocks[: max(indices) + 1]):
+            x = block(x)
+            if i in indices:
+                taps.append(x)
+        return taps
 
 
 class Decoder(nn.Module):
