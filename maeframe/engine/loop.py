@@ -33,9 +33,9 @@ from .. import __version__
 from ..build import Prepared, build_dataset
 from ..errors import MaeframeError
 from ..recipe import dump_recipe
-from .checkpoint import FORMAT, atomic_save, load_checkpoint, prune, remove, remove_stale_temporaries
+from .checkpoint import (FORMAT, TENSOR_KEYS, atomic_save, load_checkpoint, prune, read_run_state, remove,
+                         remove_stale_temporaries, save_dcp)
 from .data import DEVICE_AUGMENT_STREAM, ResumableBatchSampler, make_loader, stream_seed
-from .dcp_checkpoint import TENSOR_KEYS, read_run_state, save_dcp
 from .distributed import any_rank, average, barrier, shutdown_world
 from .optim import peak_lr
 from .resume_check import check_resume

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from ..errors import MaeframeError, RecipeError
+from .checkpoint import RUN_STATE, complete_dcp
 
 
 CHECKPOINT_SUFFIXES = (".pt", ".dcp")  # one file (ddp) or a DCP directory (fsdp)
@@ -18,8 +19,6 @@ log = logging.getLogger("maeframe.run")
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The `last` checkpoint to resume from, in either format: the one written last when both exist
     (a run that changed strategy), `.last.dcp.old/` when a crash interrupted the swap of `last.dcp/`."""
-    from .dcp_checkpoint import RUN_STATE, complete_dcp
-
     run_dir = Path(run_dir)
     found = [(path.stat().st_mtime, path) for path in [run_dir / "last.pt"] if path.is_file()]
     sharded = complete_dcp(run_dir / "last.dcp")

@@ -27,7 +27,7 @@ from ..masker import Mask
 from ..model import MaskedAutoencoder
 from ..model.drop_path import set_drop_rows
 from .data import DROP_PATH_STREAM, stream_seed
-from .dcp_checkpoint import load_dcp_into
+from .checkpoint import load_dcp_into
 from .distributed import World, any_rank
 from .fsdp import full_value, local_part, shard_model
 from .optim import build_optimizer, build_schedule

@@ -97,7 +97,7 @@ class Decoder(nn.Module):
             self.blocks = make_blocks(embed_dim, depth, num_heads, mlp_ratio)
         else:
             self.blocks = make_windowed_blocks(embed_dim, depth, num_heads, mlp_ratio, tuple(grid), window,
-                                               window_shift, cls_mode="separate")
+                                               window_shift)
         self.norm = LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, out_dim)
 

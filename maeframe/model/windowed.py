@@ -15,26 +15,18 @@ neighbours before the roll, so a shifted window never wraps around the grid: tok
 exactly when floor((t - st) / wt) == floor((t' - st) / wt) and likewise along f — window borders at
 st, st + wt, ... as in Swin.
 
-cls token (`cls_mode`):
-* "global": the cls token attends to every token and every token also attends to the cls token, so a
-  single window covering the grid is exactly global attention (timm's Block with the same weights);
-* "separate": the cls token attends only to itself and no grid token sees it — equivalent to AudioMAE,
-  which drops the cls token before its decoder blocks (the core discards the decoder's cls output anyway).
-
-Optional learned relative position bias (Swin's; zero-initialised, so a fresh block still equals global
-attention when one window covers the grid) is added inside windows only.
+The cls token attends only to itself and no grid token sees it — equivalent to AudioMAE, which drops the
+cls token before its decoder blocks (the core discards the decoder's cls output anyway). A single window
+covering the grid is therefore global attention among the grid tokens.
 """
 from __future__ import annotations
 
 from functools import partial
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp
+from timm.layers import Mlp
 from torch import Tensor, nn
-
-CLS_MODES = ("global", "separate")
 
 
 def window_groups(length: int, window: int, shift: int) -> Tensor:
@@ -42,8 +34,7 @@ def window_groups(length: int, window: int, shift: int) -> Tensor:
     return torch.div(torch.arange(length) - shift, window, rounding_mode="floor")  # -1 before the first border
 
 
-def reference_mask(grid: tuple[int, int], window: tuple[int, int], shift: tuple[int, int],
-                   cls_mode: str = "global") -> Tensor:
+def reference_mask(grid: tuple[int, int], window: tuple[int, int], shift: tuple[int, int]) -> Tensor:
     """[1 + N, 1 + N] bool, True = may attend: the pairs one windowed block lets interact, as a dense mask
     (used to check `WindowedBlock` against plain attention, and to document the semantics)."""
     (t, f), (wt, wf), (st, sf) = grid, window, shift
@@ -53,9 +44,6 @@ def reference_mask(grid: tuple[int, int], window: tuple[int, int], shift: tuple[
     mask = torch.zeros(1 + t * f, 1 + t * f, dtype=torch.bool)
     mask[1:, 1:] = same
     mask[0, 0] = True
-    if cls_mode == "global":
-        mask[0, :] = True
-        mask[:, 0] = True
     return mask
 
 
@@ -83,28 +71,16 @@ class WindowedAttention(nn.Module):
     """Multi-head self-attention of [B, 1 + T·F, D] within (shifted) windows of the T×F grid."""
 
     def __init__(self, dim: int, num_heads: int, grid: tuple[int, int], window: tuple[int, int],
-                 shift: tuple[int, int] = (0, 0), cls_mode: Literal["global", "separate"] = "global",
-                 qkv_bias: bool = True, rel_pos_bias: bool = False):
+                 shift: tuple[int, int] = (0, 0), qkv_bias: bool = True):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
-        if cls_mode not in CLS_MODES:
-            raise ValueError(f"cls_mode must be one of {CLS_MODES}, got {cls_mode!r}")
         self.grid = tuple(grid)
         self.window, self.shift = resolve_window(self.grid, tuple(window), tuple(shift))
-        self.num_heads, self.head_dim, self.cls_mode = num_heads, dim // num_heads, cls_mode
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        wt, wf = self.window
         self.register_buffer("region_mask", self._region_mask(), persistent=False)  # [nW, W, W] bool or None
-        if rel_pos_bias:
-            self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wt - 1) * (2 * wf - 1), num_heads))
-            coords = torch.stack(torch.meshgrid(torch.arange(wt), torch.arange(wf), indexing="ij")).flatten(1)
-            rel = coords[:, :, None] - coords[:, None, :]                    # [2, W, W]
-            index = (rel[0] + wt - 1) * (2 * wf - 1) + rel[1] + wf - 1
-            self.register_buffer("relative_position_index", index, persistent=False)
-        else:
-            self.relative_position_bias_table = None
 
     def _region_mask(self) -> Tensor | None:
         """Which pairs inside each window of the rolled grid were neighbours before the roll."""
@@ -118,22 +94,12 @@ class WindowedAttention(nn.Module):
         return ids[:, :, None] == ids[:, None, :]
 
     def _bias(self) -> Tensor | None:
-        """Additive [nW or 1, H, W, W(+1)] float mask, or a bool mask, or None; cls key column first."""
-        mask = self.region_mask                                               # [nW, W, W] or None
-        bias = None
-        if self.relative_position_bias_table is not None:
-            w = self.window[0] * self.window[1]
-            bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-            bias = bias.view(w, w, -1).permute(2, 0, 1)[None]                  # [1, H, W, W]
-        if bias is None and mask is None:
+        """Additive [nW, 1, W, W] float mask of the shifted windows (-inf between former non-neighbours), or None."""
+        mask = self.region_mask
+        if mask is None:
             return None
-        if mask is not None:
-            inf = torch.zeros(mask.shape, dtype=self.qkv.weight.dtype, device=mask.device)
-            inf = inf.masked_fill(~mask, float("-inf"))[:, None]               # [nW, 1, W, W]
-            bias = inf if bias is None else bias + inf
-        if self.cls_mode == "global":
-            bias = F.pad(bias, (1, 0))                                         # the cls key: always allowed
-        return bias
+        bias = torch.zeros(mask.shape, dtype=self.qkv.weight.dtype, device=mask.device)
+        return bias.masked_fill(~mask, float("-inf"))[:, None]
 
     def forward(self, x: Tensor) -> Tensor:
         b, n, d = x.shape
@@ -148,25 +114,15 @@ class WindowedAttention(nn.Module):
         windows = _partition(grid, self.window)                                # [B·nW, W, 3·H·hd]
         bw, w, _ = windows.shape
         q, k, v = windows.view(bw, w, 3, h, hd).permute(2, 0, 3, 1, 4)         # each [B·nW, H, W, hd]
-        q_cls, k_cls, v_cls = (c[:, :, None, :] for c in cls.unbind(1))        # each [B, H, 1, hd]
         nw = bw // b
-        if self.cls_mode == "global":
-            expand = lambda c: c[:, None].expand(b, nw, h, 1, hd).reshape(bw, h, 1, hd)  # noqa: E731
-            k, v = torch.cat([expand(k_cls), k], dim=2), torch.cat([expand(v_cls), v], dim=2)
         bias = self._bias()
-        if bias is not None:                                                   # [nW | 1, H | 1, W, W(+1)]
-            bias = bias.to(q.dtype).expand(nw, h, w, k.shape[2]).repeat(b, 1, 1, 1)
+        if bias is not None:                                                   # [nW, 1, W, W]
+            bias = bias.to(q.dtype).expand(nw, h, w, w).repeat(b, 1, 1, 1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)         # [B·nW, H, W, hd]
         out = _unpartition(out.transpose(1, 2).reshape(bw, w, d), self.window, (t, f))  # [B, T, F, D]
         if st or sf:
             out = torch.roll(out, shifts=(st, sf), dims=(1, 2))
-        if self.cls_mode == "global":
-            keys = torch.cat([k_cls, qkv[:, 1:, 1].transpose(1, 2)], dim=2)    # [B, H, 1 + N, hd]
-            values = torch.cat([v_cls, qkv[:, 1:, 2].transpose(1, 2)], dim=2)
-            out_cls = F.scaled_dot_product_attention(q_cls, keys, values)      # [B, H, 1, hd]
-        else:
-            out_cls = v_cls                                                    # attends only to itself
-        out_cls = out_cls.transpose(1, 2).reshape(b, 1, d)
+        out_cls = cls[:, 2].reshape(b, 1, d)                                   # attends only to itself: its value
         return self.proj(torch.cat([out_cls, out.reshape(b, t * f, d)], dim=1))
 
 
@@ -190,33 +146,25 @@ class WindowedBlock(nn.Module):
     """Pre-norm transformer block (timm `Block` layout) with `WindowedAttention`."""
 
     def __init__(self, dim: int, num_heads: int, grid: tuple[int, int], window: tuple[int, int],
-                 shift: tuple[int, int] = (0, 0), mlp_ratio: float = 4.0,
-                 cls_mode: Literal["global", "separate"] = "global", rel_pos_bias: bool = False,
-                 drop_path: float = 0.0, norm_layer=None):
+                 shift: tuple[int, int] = (0, 0), mlp_ratio: float = 4.0, norm_layer=None):
         super().__init__()
         norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
         self.norm1 = norm_layer(dim)
-        self.attn = WindowedAttention(dim, num_heads, grid, window, shift, cls_mode, rel_pos_bias=rel_pos_bias)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.attn = WindowedAttention(dim, num_heads, grid, window, shift)
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
 
 
 def make_windowed_blocks(dim: int, depth: int, heads: int, mlp_ratio: float, grid: tuple[int, int],
-                         window: tuple[int, int], shift: tuple[int, int] | None = None,
-                         cls_mode: Literal["global", "separate"] = "global", rel_pos_bias: bool = False,
-                         drop_path: float = 0.0) -> nn.Sequential:
+                         window: tuple[int, int], shift: tuple[int, int] | None = None) -> nn.Sequential:
     """`depth` WindowedBlocks; odd-indexed ones (the 2nd, 4th, ...) are shifted by `shift` (default half
     the window per axis, Swin; AudioMAE's 64×8 grid uses window (4, 4) and shift (2, 0)). Same call shape
     as the core's `make_blocks` plus the grid and window."""
     window = tuple(window)
     shift = tuple(w // 2 for w in window) if shift is None else tuple(shift)
-    rates = torch.linspace(0, drop_path, depth).tolist()
-    return nn.Sequential(*[
-        WindowedBlock(dim, heads, grid, window, shift if i % 2 else (0, 0), mlp_ratio, cls_mode, rel_pos_bias, rate)
-        for i, rate in enumerate(rates)
-    ])
+    return nn.Sequential(*[WindowedBlock(dim, heads, grid, window, shift if i % 2 else (0, 0), mlp_ratio)
+                           for i in range(depth)])
