@@ -13,7 +13,7 @@ from maeframe.build import prepare
 from maeframe.cli import main
 from maeframe import TokenSpec
 from maeframe.engine.checkpoint import load_checkpoint
-from maeframe.engine.downstream import pretrained_encoder_state
+from maeframe.interop.encoder_weights import pretrained_encoder_state
 from maeframe.errors import MaeframeError, RecipeError
 from conftest import QUICKSTART, RECIPES, tiny
 

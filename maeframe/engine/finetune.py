@@ -28,8 +28,9 @@ from ..model.mae import count_parameters
 from .augment import BatchMixup
 from .data import MIXUP_STREAM, stream_seed
 from .distributed import mirrored_rows
-from .downstream import (dataset_classes, dataset_views, encoder_layout, eval_label_map, load_encoder, predict,
-                         pretrained_encoder_state, relabel, train_set_without_device_transform)
+from ..interop.encoder_weights import encoder_layout, load_encoder, pretrained_encoder_state
+from .downstream import (dataset_classes, dataset_views, eval_label_map, predict, relabel,
+                         train_set_without_device_transform)
 from ..model.classifier import Classifier
 from .loop import Trainer
 from .metrics import classification_metrics, format_results, write_results

@@ -13,13 +13,13 @@ import torch
 
 from .. import __version__
 from ..build import Prepared, build_dataset
+from ..errors import MaeframeError
+from ..interop.encoder_weights import load_encoder, pretrained_encoder_state
+from ..model.classifier import Classifier
 from ..model.vit import Encoder
 from ..recipe import dump_recipe
-from ..errors import MaeframeError
 from .distributed import barrier, map_dataset, shutdown_world
-from .downstream import (dataset_classes, dataset_views, eval_label_map, load_encoder, pretrained_encoder_state,
-                         relabel)
-from ..model.classifier import Classifier
+from .downstream import dataset_classes, dataset_views, eval_label_map, relabel
 from .knn import knn_features, knn_scores
 from .metrics import classification_metrics, format_results, write_results
 from .rundir import RunDirectory

@@ -1,4 +1,4 @@
-"""Classification metrics of downstream evaluation, the confusion-matrix picture and results.json.
+"""Classification metrics of downstream evaluation and results.json (with the confusion-matrix picture).
 
 Accuracies are percentages (as the MAE paper reports them). Single-label: top-1, top-5, per-class accuracy
 and the confusion matrix (rows: true class, columns: predicted). Multi-label (multi-hot targets): mAP, the
@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from ..pictures import save_confusion_matrix
 
 
 def topk_accuracy(scores: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
@@ -69,39 +71,6 @@ def classification_metrics(scores: Tensor, labels: Tensor, classes: list[str], m
         out["per_class_accuracy"] = dict(zip(classes, per_class_accuracy(matrix)))
         out["confusion_matrix"] = matrix.tolist()
     return out
-
-
-def save_confusion_matrix(matrix: Tensor | list, classes: list[str], path: str | Path, title: str = "") -> Path:
-    """A row-normalised confusion-matrix heat map with counts, as a PNG (matplotlib, Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    counts = torch.as_tensor(matrix, dtype=torch.float64)
-    rates = counts / counts.sum(1, keepdim=True).clamp(min=1)
-    n = len(classes)
-    size = max(4.0, 0.55 * n + 2)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
-    image = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
-    if n <= 40:
-        ax.set_xticks(range(n), classes, rotation=60, ha="right", fontsize=8)
-        ax.set_yticks(range(n), classes, fontsize=8)
-        if n <= 20:
-            for t in range(n):
-                for p in range(n):
-                    ax.text(p, t, int(counts[t, p]), ha="center", va="center", fontsize=7,
-                            color="white" if rates[t, p] > 0.5 else "black")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def write_results(run_dir: Path, results: dict[str, Any], classes: list[str]) -> Path:

@@ -20,7 +20,7 @@ import torch
 
 from ..engine.checkpoint import load_checkpoint
 from ..model.classifier import Classifier, ImageClassifier
-from ..engine.downstream import encoder_layout
+from .encoder_weights import encoder_layout
 from .official_mae import InteropError
 
 
