@@ -42,6 +42,16 @@ def register_datasets(register: Register) -> None:
     """Register `maeframe.Dataset` subclasses."""
 
 
+# --- command line ---------------------------------------------------------------------------------
+
+@hookspec
+def register_commands(subparsers: Any) -> None:
+    """Add `maeframe` subcommands: `parser = subparsers.add_parser(name, help=...)`, its arguments, and
+    `parser.set_defaults(func=fn)` with `fn(args) -> exit code`. Implemented in modules of the
+    `maeframe_commands` entry-point group, which the CLI loads to build its parser: keep them light and
+    import heavy modules inside `fn`. A `MaeframeError` raised by `fn` is printed as `error: ...`, exit 2."""
+
+
 # --- recipe ---------------------------------------------------------------------------------------
 
 @hookspec

@@ -12,6 +12,7 @@ from . import hookspecs
 from .errors import PluginError
 
 ENTRY_POINT_GROUP = "maeframe"
+COMMANDS_GROUP = "maeframe_commands"  # modules implementing `register_commands` (loaded to parse the command line)
 BLOCK_ENV = "MAEFRAME_BLOCK_PLUGINS"
 """Comma-separated plugin names that must not load: entry-point names of installed plugins, or module
 names listed in a recipe's `plugins:` field."""
@@ -20,8 +21,9 @@ names listed in a recipe's `plugins:` field."""
 class PluginManager(pluggy.PluginManager):
     """pluggy's manager plus the distribution ('name version') each entry-point plugin came from."""
 
-    def __init__(self):
+    def __init__(self, group: str = ENTRY_POINT_GROUP):
         super().__init__(ENTRY_POINT_GROUP)
+        self.group = group
         self.add_hookspecs(hookspecs)
         self.distributions: dict[str, str] = {}
 
@@ -35,7 +37,7 @@ class PluginManager(pluggy.PluginManager):
             raise PluginError(f"plugin {name!r} is invalid: {err}") from err
 
     def load_entry_points(self) -> None:
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
+        for ep in entry_points(group=self.group):
             if self.is_blocked(ep.name) or self.has_plugin(ep.name):
                 continue
             dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist else "unknown distribution"
@@ -79,6 +81,15 @@ def make_plugin_manager(extra_modules: Iterable[str] = ()) -> PluginManager:
         pm.check_pending()
     except pluggy.PluginValidationError as err:
         raise PluginError(f"plugin {pm.label(err.plugin)!r} implements an unknown hook: {err}") from err
+    return pm
+
+
+def make_command_manager() -> PluginManager:
+    """The plugins that add subcommands: the `maeframe_commands` entry-point group, block list applied."""
+    pm = PluginManager(COMMANDS_GROUP)
+    for name in blocked_plugins():
+        pm.set_blocked(name)
+    pm.load_entry_points()
     return pm
 
 

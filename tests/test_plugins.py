@@ -494,3 +494,41 @@ def test_a_component_missing_a_required_method_is_refused_at_registration(tmp_pa
     with pytest.raises(PluginError, match=r"plugin 'counting_plugin' registered masker 'nocall' as NoCall, which does "
                                           r"not implement __call__ of maeframe.Masker"):
         prepare(QUICKSTART, tiny(tmp_path, "plugins=[counting_plugin]"))
+
+
+def test_a_plugin_adds_a_subcommand_through_register_commands(tmp_path, monkeypatch, capsys):
+    """A distribution's `maeframe_commands` entry point adds `maeframe hello`; the built-in `pack` and
+    `audio-stats` come the same way, and the core's CLI names no plugin module."""
+    dist = tmp_path / "mf_hello-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mf-hello\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[maeframe_commands]\nhello = mf_hello_command\n")
+    (tmp_path / "mf_hello_command.py").write_text(textwrap.dedent("""
+        from maeframe import MaeframeError, hookimpl
+
+        def hello(args):
+            if args.name == "nobody":
+                raise MaeframeError("hello: nobody to greet")
+            print(f"hello {args.name}")
+            return 0
+
+        @hookimpl
+        def register_commands(subparsers):
+            parser = subparsers.add_parser("hello", help="greet someone")
+            parser.add_argument("name")
+            parser.set_defaults(func=hello)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from maeframe.cli import main
+
+    assert main(["hello", "world"]) == 0 and capsys.readouterr().out == "hello world\n"
+    assert main(["hello", "nobody"]) == 2 and capsys.readouterr().err == "error: hello: nobody to greet\n"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in ("hello", "pack", "audio-stats"))
+    core = Path(conftest.ROOT / "maeframe" / "cli.py").read_text()
+    assert "maeframe_plugins" not in core
+    monkeypatch.setenv(BLOCK_ENV, "hello")
+    with pytest.raises(SystemExit):
+        main(["hello", "world"])  # blocked: no such subcommand
