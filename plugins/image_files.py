@@ -117,8 +117,9 @@ class ImageListDataset(FileListDataset):
         step = max(len(self.paths) // CHECKED, 1)
         checked = self.paths[::step][:CHECKED]
         if not any(os.path.exists(p) for p in checked):
-            raise FileNotFoundError(f"image_list: none of {len(checked)} listed paths checked exists, e.g. "
-                                    f"{checked[0]!r}; paths are relative to {str(base)!r} (set root)")
+            raise OptionError("root" if options.root else "list",
+                              f"image_list: none of {len(checked)} paths checked of those {listing} lists exists, "
+                              f"e.g. {checked[0]!r}; they are taken relative to {str(base)!r} (set root)")
 
 
 def read_rows(listing: Path, options: ImageListOptions) -> list[tuple[str, str]]:
