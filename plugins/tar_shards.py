@@ -17,8 +17,8 @@ sample order that changes with the number of workers. The price is one ranged re
 of a sequential read per shard: nothing on a local disk or NFS (the page cache holds the shards), one
 request per sample on an object store, which enough loader workers overlap.
 
-The index: when the dataset is built each shard's tar headers are read once (seeking over the data, in
-`index_threads` threads) into (member, offset, size, label) per sample; `index_cache` keeps the indexes
+The index: when the dataset is built each shard's tar headers are read once (`tar_index.members`, seeking
+over the data, in `index_threads` threads) into (member, offset, size, label) per sample; `index_cache` keeps the indexes
 between runs, keyed by URL and checked against the shard's size and modification time. Loader workers
 then read `size` bytes at `offset` (`os.pread` on local files, `fs.cat_file` with a byte range on any
 other fsspec filesystem). A member that fails to decode or is cut short raises when read: the engine logs,
@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import re
-import tarfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -49,10 +48,11 @@ from maeframe import OptionError, hookimpl
 from .folders import log_passed_over
 from .image_data import ImageAugmentOptions, ImageDataset
 from .image_decode import DecodeOptions, decode
+from .tar_index import Member, TarDamaged, members
 
 log = logging.getLogger("maeframe.data")
 IMAGE_KEYS = ["jpg", "jpeg", "png", "webp", "tif", "tiff", "npy", "ppm", "pgm", "bmp", "gif"]
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's rule: key up to the first dot of the file name
 
 
@@ -149,15 +149,11 @@ def index_shard(fs, path: str, url: str, image_keys: list[str], label_key: str |
     index = ShardIndex(url)
     passed: Counter = Counter()
     with fs.open(path, "rb") as handle:
-        try:
-            tar = tarfile.open(fileobj=handle, mode="r:")
-        except tarfile.ReadError as err:
-            raise ValueError(f"tar_shards: {url} is not a tar file ({err})") from None
-        sample: dict[str, tarfile.TarInfo] = {}
+        sample: dict[str, Member] = {}
         key = None
         try:
-            for member in tar:
-                match = KEY.match(member.name) if member.isfile() else None
+            for member in members(handle, info["size"]):
+                match = KEY.match(member.name)
                 if match is None:
                     continue
                 if match.group(1) != key and sample:
@@ -165,14 +161,12 @@ def index_shard(fs, path: str, url: str, image_keys: list[str], label_key: str |
                     sample = {}
                 key = match.group(1)
                 sample[match.group(2).lower()] = member
-        except tarfile.ReadError as err:  # headers break off: keep what came before
-            index.damaged = f"tar headers break off after {len(index.names) + bool(sample)} samples: {err}"
+        except TarDamaged as err:  # headers break off: keep what came before
+            index.damaged = f"{err}, after {len(index.names) + bool(sample)} samples"
+        except ValueError as err:
+            raise ValueError(f"tar_shards: {url} is {err}") from None
         if sample:
             _add(index, sample, image_keys, label_key, handle, passed)
-        if index.damaged is None and tar.offset + 512 <= info["size"]:  # stopped early at a bad header?
-            handle.seek(tar.offset)
-            if handle.read(512).strip(b"\0"):
-                index.damaged = f"an unreadable tar header at byte {tar.offset}, after {len(index.names)} samples"
     index.passed = dict(passed)
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
@@ -190,14 +184,14 @@ def _add(index: ShardIndex, sample: dict, image_keys: list[str], label_key: str 
         return
     label = -1
     if label_key is not None and label_key in sample:
-        handle.seek(sample[label_key].offset_data)
+        handle.seek(sample[label_key].offset)
         text = handle.read(sample[label_key].size).decode("utf-8", "replace").strip()
         label = int(text) if text.lstrip("-").isdigit() else -1
         if label == -1 and text:
             log.warning("tar_shards: %s: %s field %r is not an integer label; the sample is unlabelled",
                         index.url, image.name, text[:40])
     index.names.append(image.name)
-    index.offsets.append(image.offset_data)
+    index.offsets.append(image.offset)
     index.sizes.append(image.size)
     index.labels.append(label)
 

@@ -80,8 +80,10 @@ def test_index_cache_is_reused_and_rebuilt_when_a_shard_changes(tmp_path, monkey
     first = shards(tmp_path, url, f"index_cache: '{cache}'")
     assert len(list(cache.glob("*.json"))) == 2
     opened = []
-    real = tarfile.open
-    monkeypatch.setattr(tarfile, "open", lambda *a, **k: opened.append(1) or real(*a, **k))
+    import maeframe_plugins.tar_shards as tar_shards
+
+    real = tar_shards.members
+    monkeypatch.setattr(tar_shards, "members", lambda *a: opened.append(1) or real(*a))
     again = shards(tmp_path, url, f"index_cache: '{cache}'")
     assert opened == [] and again.offsets.tolist() == first.offsets.tolist()  # no header was read
     shard = tmp_path / "shards" / "train-0001.tar"
@@ -108,7 +110,7 @@ def test_a_damaged_shard_keeps_what_precedes_the_damage_and_counts_the_rest(tmp_
     with caplog.at_level("WARNING", logger="maeframe.data"):
         dataset = shards(tmp_path, url)
     assert len(dataset) == 20 + 10 + 1 and "train-0001.tar is damaged" in caplog.text
-    assert "after 10 samples" in caplog.text
+    assert "damaged tar header" in caplog.text and "after 10 samples" in caplog.text
     with pytest.raises(OSError, match="damaged remainder"):
         dataset._load(30)  # one unreadable sample per epoch for the lost tail
     assert raw(dataset, 29).shape == (1, 28, 28)
@@ -120,15 +122,36 @@ def test_a_truncated_shard_and_a_corrupt_member_fail_when_read(tmp_path, caplog)
     with pytest.raises(Exception, match="cannot identify image file"):
         dataset._load(7)  # written as garbage by write_shards: counted by the engine when read
     shard = tmp_path / "shards" / "train-0000.tar"
+    whole = shard.read_bytes()
     cut = int(dataset.offsets[19]) + 10  # inside the last image
-    shard.write_bytes(shard.read_bytes()[:cut])
+    shard.write_bytes(whole[:cut])
+    with pytest.raises(OSError, match="truncated member: 10 of"):
+        dataset._load(19)  # cut after the index was built: fails when read
     with caplog.at_level("WARNING", logger="maeframe.data"):
         truncated = shards(tmp_path, url)
-    assert len(truncated) == 20 + 1 and "unexpected end of data" in caplog.text  # what was lost is unknown
-    with pytest.raises(OSError, match="truncated member: 10 of"):
-        truncated._load(19)
+    assert len(truncated) == 19 + 1 and "the file ends inside member 's00019.png'" in caplog.text
     with pytest.raises(OSError, match="damaged remainder"):
-        truncated._load(20)
+        truncated._load(19)  # what was lost after the cut is unknown: one bad read per epoch
+
+
+def test_the_header_reader_agrees_with_tarfile(tmp_path):
+    """Long names (PAX and GNU), ustar prefixes, directories and links: the same members and offsets."""
+    from maeframe_plugins.tar_index import members
+
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT):
+        path = tmp_path / f"{fmt}.tar"
+        with tarfile.open(path, "w", format=fmt) as tar:
+            for name, size in [("a/" + "d" * 90 + "/" + "n" * 40 + ".jpg", 700), ("short.cls", 1), ("x.png", 0)]:
+                info = tarfile.TarInfo(name if fmt != tarfile.USTAR_FORMAT or len(name) < 256 else name[-99:])
+                info.size = size
+                tar.addfile(info, io.BytesIO(b"z" * size))
+            directory = tarfile.TarInfo("folder")
+            directory.type = tarfile.DIRTYPE
+            tar.addfile(directory)
+        with tarfile.open(path) as tar:
+            expected = [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+        with open(path, "rb") as handle:
+            assert [(m.name, m.offset, m.size) for m in members(handle, path.stat().st_size)] == expected, fmt
 
 
 def test_samples_without_an_image_are_passed_over_and_logged(tmp_path, caplog):
