@@ -15,7 +15,7 @@ from maeframe.cli import main
 from maeframe.errors import MaeframeError, RecipeError
 from maeframe_plugins.pack import pack
 from maeframe_plugins.tar_shards import expand_braces
-from conftest import QUICKSTART, tiny
+from conftest import QUICKSTART, ROOT, tiny
 from test_user_data_runs import BROKEN, fmnist, four_bands, write_nested, write_shards
 
 
@@ -216,3 +216,19 @@ def test_pack_refusals_name_what_to_do(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "webdataset", None)
     assert main(["pack", str(tmp_path / "src"), str(tmp_path / "o"), "--size", "8", "--to", "webdataset"]) == 2
     assert "pip install 'maeframe[webdataset]'" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_loader_formats_benchmark_times_the_three_formats_of_one_image_set(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import loader_formats
+
+    report = loader_formats.main(["--data", str(tmp_path / "data"), "--count", "40", "--side", "32",
+                                  "--batch-size", "8", "--batches", "1", "--warmup", "1", "--workers", "0",
+                                  "--out", str(tmp_path / "r.json")])
+    assert [row["case"] for row in report["results"]] == ["jpeg-imagefolder", "packed-npy", "tar-shards-jpeg"]
+    assert [row["dataset"] for row in report["results"]] == ["image_folder", "packed", "tar_shards"]
+    assert all(row["output_shape"] == [8, 3, 224, 224] and row["img_s"] > 0 for row in report["results"])
+    assert json.loads((tmp_path / "r.json").read_text())["images"] == 40
+    jpegs = sorted(p.read_bytes() for p in (tmp_path / "data" / "jpeg").glob("*/*.jpg"))
+    with tarfile.open(tmp_path / "data" / "tar" / "shard-00000.tar") as tar:  # the same JPEG bytes
+        assert sorted(tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")) == jpegs
