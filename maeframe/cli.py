@@ -249,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Read every image of SOURCE through an image dataset plugin (decoding in "
                                       "--workers processes), resize its short side to --size, centre-crop to a "
                                       "square and write OUTPUT/shard-NNNNN.npy (uint8 [n, C, S, S], memory-"
-                                      "mappable), OUTPUT/index.json and OUTPUT/sources.txt. OUTPUT appears only "
+                                      "mappable) or, with --to webdataset, OUTPUT/shard-NNNNN.tar (WebDataset), "
+                                      "plus OUTPUT/index.json and OUTPUT/sources.txt. OUTPUT appears only "
                                       "when complete. Unreadable images are skipped, logged and counted.")
     pack.add_argument("source", help="what the --format plugin reads: an ImageFolder tree, a folder of images "
                                      "(image_files), a .txt/.csv list (image_list), tar shard URLs (tar_shards), "

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from maeframe import OptionError
-from maeframe.errors import RecipeError
+from maeframe.errors import MaeframeError, RecipeError
 
 from .image_data import ImageDataset
 
@@ -79,6 +79,8 @@ def image_stats(recipe: str | Path, overrides: Sequence[str] = (), limit: int | 
     `stats_file` option. Returns them plus `path` (the file written, or None)."""
     from maeframe.build import prepare
 
+    if limit is not None and limit <= 0:
+        raise MaeframeError(f"image-stats: --limit must be positive, got {limit}")
     prepared = prepare(recipe, list(overrides))
     ref = prepared.recipe.data.train
     cls = prepared.registry.get("dataset", ref.name).cls
