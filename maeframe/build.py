@@ -119,6 +119,8 @@ def build_dataset(prepared: Prepared, split: str = "train", augment: bool | None
     try:
         return entry.cls(options, prepared.components.tokenizer.input_shape,
                          split == "train" if augment is None else augment)
+    except OptionError as err:  # the dataset names its option
+        raise RecipeError([(f"{path}.options.{err.field}", err.message)], prepared.source) from err
     except (ValueError, OSError) as err:  # OSError: a root, list or file that is missing or unreadable
         raise RecipeError([(_option_named_in(path, ref, str(err)), str(err))], prepared.source) from err
 

@@ -1,12 +1,15 @@
 """Image datasets: any ImageFolder tree, and real Fashion-MNIST read from its IDX files.
 
-Both produce [C, H, W] float tensors of the tokenizer's input shape. Training applies MAE's augmentation
-(RandomResizedCrop + horizontal flip); evaluation resizes and centre-crops. Both normalise by mean/std.
+Both produce [C, H, W] float tensors of the tokenizer's input shape (any channel count C). Training applies
+MAE's augmentation (RandomResizedCrop + horizontal flip); evaluation resizes and centre-crops. Both
+normalise by a per-channel mean/std: the options', or those `maeframe image-stats --write` stored in
+`stats_file`. Files are decoded by `image_decode.decode` (transparency, arrays, the pixel limit).
 """
 from __future__ import annotations
 
 import functools
 import gzip
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -19,10 +22,11 @@ from torchvision import datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.transforms import v2
 
-from maeframe import Dataset, Options, hookimpl
+from maeframe import Dataset, OptionError, Options, hookimpl
 
 from .folders import OUTSIDE_CLASSES, extension_reason, log_passed_over
 from .image_augment import FinetuneAugment
+from .image_decode import DecodeOptions, decode
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_HINT = ("install it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu; `make data` does it) "
@@ -34,18 +38,46 @@ class ImageAugmentOptions(Options):
     hflip: bool = Field(True, description="random horizontal flip (training)")
     mean: tuple[float, ...] = Field(IMAGENET_DEFAULT_MEAN, description="per-channel normalisation mean")
     std: tuple[float, ...] = Field(IMAGENET_DEFAULT_STD, description="per-channel normalisation std")
+    stats_file: str | None = Field(None, description="JSON written by `maeframe image-stats RECIPE --write`; when "
+                                                     "set, its per-channel mean and std replace the two options above")
+
+
+def read_image_stats(path: str, channels: int) -> tuple[list[float], list[float]]:
+    """(mean, std) per channel from a `maeframe image-stats --write` file, checked against `channels`."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"stats_file {str(path)!r} does not exist; compute it with "
+                                f"`maeframe image-stats RECIPE --write`")
+    stats = json.loads(file.read_text())
+    if not isinstance(stats, dict) or not {"mean", "std"} <= set(stats):
+        raise OptionError("stats_file", f"{str(path)!r} holds no mean and std")
+    if len(stats["mean"]) != channels or len(stats["std"]) != channels:
+        raise OptionError("stats_file", f"{str(path)!r} holds statistics of {len(stats['mean'])} channels, "
+                                        f"the tokenizer expects {channels}")
+    return [float(v) for v in stats["mean"]], [float(v) for v in stats["std"]]
 
 
 class ImageDataset(Dataset):
-    """Shared transform pipeline; subclasses provide `_load(index) -> (uint8 or float [C, H, W], label)`."""
+    """Shared transform pipeline; subclasses provide `_load(index) -> (uint8 or float [C, H, W], label)`
+    (uint8 values are scaled by 1/255, float ones taken as they are) and may override `source_option`, the
+    option `maeframe pack SOURCE` fills with SOURCE."""
+
+    source_option = "root"
 
     def __init__(self, options: ImageAugmentOptions, input_shape: tuple[int, ...], train: bool):
         super().__init__(options, input_shape, train)
         channels, height, width = input_shape
-        for field in ("mean", "std"):
-            if len(getattr(options, field)) != channels:
-                raise ValueError(f"{field} has {len(getattr(options, field))} values but the tokenizer "
-                                 f"expects {channels} channels")
+        mean, std = options.mean, options.std
+        if options.stats_file is not None:
+            mean, std = read_image_stats(options.stats_file, channels)
+        for field, values in (("mean", mean), ("std", std)):
+            if len(values) != channels:
+                raise OptionError(field, f"{len(values)} values but the tokenizer expects {channels} channels: "
+                                         f"give one per channel, or compute them with `maeframe image-stats "
+                                         f"RECIPE --write` and set stats_file")
+        if min(std) <= 0:
+            raise OptionError("std", f"every std must be positive, got {list(std)}")
+        self.mean, self.std = tuple(mean), tuple(std)
         size = (height, width)
         if train:
             geometry = [v2.RandomResizedCrop(size, scale=options.crop_scale,
@@ -55,10 +87,9 @@ class ImageDataset(Dataset):
             geometry = [v2.Resize(int(round(min(size) / 0.875)) if min(size) >= 64 else min(size),
                                   interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
                         v2.CenterCrop(size)]
-        self.transform = v2.Compose([*geometry, v2.ToDtype(torch.float32, scale=True),
-                                     v2.Normalize(options.mean, options.std)])
-        self._mean = torch.tensor(options.mean).view(1, -1, 1, 1)
-        self._std = torch.tensor(options.std).view(1, -1, 1, 1)
+        self.transform = v2.Compose([*geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+        self._mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self._std = torch.tensor(std).view(1, -1, 1, 1)
         self.finetune_augment: FinetuneAugment | None = None
 
     def _fit_channels(self, image: Tensor) -> Tensor:
@@ -80,14 +111,13 @@ class ImageDataset(Dataset):
         if channels not in (1, 3):
             raise ValueError(f"RandAugment works on 1- or 3-channel images, these have {channels}; set "
                              f"augment.rand_augment: null and augment.random_erasing: 0")
-        self.finetune_augment = FinetuneAugment(rand_augment, random_erasing, height, width, tuple(self.options.mean),
-                                                tuple(self.options.std))
+        self.finetune_augment = FinetuneAugment(rand_augment, random_erasing, height, width, self.mean, self.std)
 
     def denormalize(self, batch: Tensor) -> Tensor:
         return (batch * self._std.to(batch.device) + self._mean.to(batch.device)).clamp(0, 1)
 
 
-class ImageFolderOptions(ImageAugmentOptions):
+class ImageFolderOptions(ImageAugmentOptions, DecodeOptions):
     root: str = Field(description="folder with one sub-folder of images per class (torchvision ImageFolder)")
 
 
@@ -125,10 +155,7 @@ class ImageFolderDataset(ImageDataset):
 
     def _load(self, index: int) -> tuple[Tensor, int]:
         path, label = self.folder.samples[index]
-        image = self.folder.loader(path)
-        if self.input_shape[0] == 1:
-            image = image.convert("L")
-        return v2.functional.pil_to_tensor(image), label
+        return decode(path, path, self.input_shape[0], self.options), label
 
 
 def read_idx(path: Path) -> np.ndarray:

@@ -41,7 +41,7 @@ def test_image_folder_with_rgb_and_grayscale_tokenizers(tmp_path):
     assert image.shape == (3, 16, 16) and label == 1
     gray = ImageFolderDataset(ImageFolderOptions(root=str(tmp_path), mean=(0.5,), std=(0.5,)), (1, 16, 16), False)
     assert gray[0][0].shape == (1, 16, 16)
-    with pytest.raises(ValueError, match="mean has 3 values but the tokenizer expects 1 channels"):
+    with pytest.raises(ValueError, match="mean: 3 values but the tokenizer expects 1 channels.*image-stats"):
         ImageFolderDataset(ImageFolderOptions(root=str(tmp_path)), (1, 16, 16), train=True)
     with pytest.raises(FileNotFoundError, match="is not a directory"):
         ImageFolderDataset(ImageFolderOptions(root=str(tmp_path / "absent")), (3, 16, 16), train=True)
