@@ -30,7 +30,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .. import __version__
-from ..build import Prepared, build_dataset
+from ..build import Prepared, build_dataset, warn_provenance_changes
 from ..errors import MaeframeError
 from ..recipe import dump_recipe
 from .checkpoint import FORMAT, atomic_save, load_checkpoint, prune, remove, remove_stale_temporaries
@@ -305,6 +305,7 @@ class Trainer:
             "rng": rng_state(),
             **self.extra_state(),
             "recipe": self.recipe.model_dump(mode="json"),
+            "plugins": self.prepared.provenance(),
         }
 
     def save(self, path: Path) -> None:
@@ -334,6 +335,7 @@ class Trainer:
         self.samples.load_state_dict(state.get("samples"))
         self.load_extra_state(state)
         set_rng_state(state["rng"])
+        warn_provenance_changes(state.get("plugins"), self.prepared.provenance(), path)
 
     @staticmethod
     def _checkpoint_step(path: Path) -> int:
@@ -348,5 +350,6 @@ class Trainer:
             "precision": self.runtime.precision, "task": self.recipe.task, "strategy": self.recipe.runtime.strategy,
             "world_size": self.world_size, "effective_batch": self.effective_batch, "peak_lr": self.lr,
             "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps, **self.run_facts(),
+            "plugins": self.prepared.provenance(),
         }
         self.run_dir.write_text("run.json", json.dumps(facts, indent=2) + "\n")
