@@ -17,9 +17,9 @@ def test_my_masker_trains(tmp_path):
 Everything runs on the CPU. What `check_masker` can tell there (see its docstring): the `Mask` contract, the
 same shapes on every call, the requested device, and — by calling the masker on PyTorch's `meta` device,
 where tensors have shapes but no values — that `__call__` never reads a value of a device tensor (`.item()`,
-`.tolist()`, `.cpu()`, `bool()`/`int()`/`float()` of a tensor, `.numpy()`) and never makes a shape depend on
-values (boolean indexing, `nonzero`, `masked_select`, `unique`). On a machine with CUDA it also runs the
-masker under `torch.cuda.set_sync_debug_mode("error")`.
+`.tolist()`, `.cpu()`, `bool()`/`int()`/`float()` of a tensor, `.numpy()`), never makes a shape depend on
+values (boolean indexing, `nonzero`, `masked_select`, `unique`) and does not copy host data to the device on
+every call. On a machine with CUDA it also runs the masker under `torch.cuda.set_sync_debug_mode("error")`.
 
 The module is also a plugin (list `maeframe.testing` under a recipe's `plugins:`) that registers two
 components with no data behind them: the tokenizer `testing.patch` (non-overlapping patches of an N-D
@@ -219,15 +219,17 @@ def check_mask(mask: Mask, batch_size: int, num_tokens: int, device: str | torch
 
 _READS = {"item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "__complex__"}
 _DYNAMIC = {"nonzero", "argwhere", "masked_select", "unique", "unique_consecutive", "bincount"}
+_COPIES = {"to", "cuda", "as_tensor", "copy_", "tensor", "new_tensor"}  # host data -> device tensor
 
 
 class _HostSyncSpy(TorchFunctionMode):
-    """Turns a host read of a tensor on `device` (a sync on a GPU) or a value-dependent shape into an
-    AssertionError naming the operation."""
+    """Turns a host read of a tensor on `device` (a sync on a GPU), a value-dependent shape and, unless
+    `copies` allows them, a copy of host data to the device (blocking on a GPU) into an AssertionError
+    naming the operation."""
 
-    def __init__(self, device: torch.device, what: str):
+    def __init__(self, device: torch.device, what: str, copies: bool):
         super().__init__()
-        self.device, self.what = device, what
+        self.device, self.what, self.copies = device, what, copies
 
     def _on_device(self, args: Sequence[Any]) -> bool:
         return any(isinstance(a, Tensor) and a.device.type == self.device.type for a in args)
@@ -245,7 +247,20 @@ class _HostSyncSpy(TorchFunctionMode):
             raise AssertionError(f"{self.what} uses {op} on a device tensor: the result's shape depends on the "
                                  f"values (a host sync, and shapes that change between steps); build index tensors "
                                  f"of fixed size (argsort, topk, gather) instead")
-        return func(*args, **(kwargs or {}))
+        result = func(*args, **(kwargs or {}))
+        if (not self.copies and name in _COPIES and isinstance(result, Tensor)
+                and result.device.type == self.device.type and self._from_host(name, args)):
+            raise AssertionError(f"{self.what} copies host data to the device on every call ({name}): a blocking "
+                                 f"copy on a GPU; move tables to the device once and keep them (e.g. a dict by "
+                                 f"device filled on the first call), or create them there (torch.arange, full)")
+        return result
+
+    @staticmethod
+    def _from_host(name: str, args: Sequence[Any]) -> bool:
+        if name in ("tensor", "new_tensor"):
+            return True
+        sources = args[1:2] if name == "copy_" else args[:1]
+        return any(isinstance(a, Tensor) and a.device.type == "cpu" for a in sources)
 
 
 def _flat(items: Sequence[Any]) -> list[Any]:
@@ -265,10 +280,13 @@ def check_masker(masker: Masker, batch_sizes: Sequence[int] = (1, 4), calls: int
     * no host sync and no value-dependent shape in `__call__` (`meta=True`): the masker is called on the
       `meta` device, where tensors have shapes but no values, under a guard that names the offending
       operation (`.item()`, `.tolist()`, `.cpu()`, `.numpy()`, `bool/int/float(tensor)`, boolean indexing,
-      `nonzero`, `masked_select`, `unique`); its masks must have the CPU masks' shapes. Tables built on the
-      host in `__init__` and moved with `.to(device)` are fine. An operation without a meta implementation
-      fails this check too: then pass meta=False and rely on a GPU run;
-    * with CUDA available, one call per batch size under `torch.cuda.set_sync_debug_mode("error")`.
+      `nonzero`, `masked_select`, `unique`) or that copies host data to the device on every call (`.to`,
+      `torch.tensor(..., device=...)`, `copy_` from a CPU tensor: blocking on a GPU); a first call per
+      batch size may copy (to set up device tables that it keeps). Its masks must have the CPU masks'
+      shapes. An operation without a meta implementation fails this check too: then pass meta=False and
+      rely on a GPU run;
+    * with CUDA available, after a warm-up call, one call per batch size under
+      `torch.cuda.set_sync_debug_mode("error")`.
 
     It calls the masker several times (and `check_counts`); build a fresh one for other checks.
     """
@@ -300,15 +318,21 @@ def check_masker(masker: Masker, batch_sizes: Sequence[int] = (1, 4), calls: int
 
 
 def _call_on(masker: Masker, batch_size: int, device: torch.device, what: str) -> Mask:
+    """One checked call on `device`; a first, unchecked-for-copies call may set up device tables."""
     if device.type == "cuda":
+        masker(batch_size, device)  # warm-up: device tables, generator state
         previous = torch.cuda.get_sync_debug_mode()
         torch.cuda.set_sync_debug_mode("error")
         try:
             return masker(batch_size, device)
+        except RuntimeError as err:
+            raise AssertionError(f"{what} synchronises with the host on {device}: {err}") from err
         finally:
             torch.cuda.set_sync_debug_mode(previous)
     try:
-        with _HostSyncSpy(device, what):
+        with _HostSyncSpy(device, what, copies=True):
+            masker(batch_size, device)  # warm-up: the first call may move host tables to the device
+        with _HostSyncSpy(device, what, copies=False):
             return masker(batch_size, device)
     except AssertionError:
         raise

@@ -347,9 +347,24 @@ FAULTY_MASKERS = """
         def state_dict(self):
             return {"calls": self.calls, "when": object()}
 
+    class Copies(Masker):         # moves a host table to the device on every call: a blocking copy on a GPU
+        def __init__(self, options, spec):
+            super().__init__(options, spec)
+            self.table = torch.arange(spec.num_tokens)
+        def __call__(self, batch_size, device):
+            noise = torch.rand(batch_size, self.spec.num_tokens, device=device) + self.table.to(device)
+            return Mask.from_noise(noise, 4)
+
+    class Keeps(Copies):          # the same table, moved once per device and kept: fine
+        def __call__(self, batch_size, device):
+            if device not in self.__dict__.setdefault("tables", {}):
+                self.tables[device] = self.table.to(device)
+            noise = torch.rand(batch_size, self.spec.num_tokens, device=device) + self.tables[device]
+            return Mask.from_noise(noise, 4)
+
     @hookimpl
     def register_maskers(register):
-        for cls in (Reads, Indexes, FromBool, Ragged, Forgets, BadState):
+        for cls in (Reads, Indexes, FromBool, Ragged, Forgets, BadState, Copies, Keeps):
             register(cls.__name__.lower(), cls)
 """
 
@@ -359,12 +374,21 @@ FAULTY_MASKERS = """
     ("indexes", r"uses boolean indexing on a device tensor"),
     ("frombool", r"calls __bool__\(\) on a tensor on the device"),
     ("ragged", r"call 2 with batch size 1 keeps 3 tokens, an earlier call kept 4: shapes must be static"),
+    ("copies", r"copies host data to the device on every call \(to\)"),
 ])
 def test_check_masker_catches_host_syncs_and_dynamic_shapes(write_plugin_module, name, message):
     write_plugin_module("mf_faulty", FAULTY_MASKERS)
     masker = testing.build_component("masker", name, plugins=["mf_faulty"])
     with pytest.raises(AssertionError, match=message):
         testing.check_masker(masker)
+
+
+def test_check_masker_accepts_device_tables_kept_after_the_first_call(write_plugin_module, monkeypatch):
+    write_plugin_module("mf_faulty", FAULTY_MASKERS)
+    testing.check_masker(testing.build_component("masker", "keeps", plugins=["mf_faulty"]))
+    monkeypatch.syspath_prepend(str(ROOT / "examples" / "maeframe-plugin-example" / "src"))  # grid does the same
+    grid = testing.build_component("masker", "grid", {"random_offset": True}, plugins=["maeframe_plugin_example"])
+    assert testing.check_masker(grid).num_visible == 4
 
 
 def test_check_masker_resume_catches_state_missing_from_state_dict(write_plugin_module):
