@@ -1,6 +1,7 @@
 """From a recipe file to validated, constructed components (used by `validate` and by every engine)."""
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from .recipe import RECIPE_TYPES, AnyRecipe, ComponentRef, RuntimeConfig, load_r
 from .registry import Registry
 from .target import Target
 from .tokenizer import Tokenizer
+
+log = logging.getLogger("maeframe.plugins")
 
 
 @dataclass
@@ -45,6 +48,35 @@ class Prepared:
     registry: Registry
     components: Components
     source: str = "recipe"  # the recipe file, named in errors found later (datasets, check_data)
+
+    def provenance(self) -> dict[str, dict[str, str | None]]:
+        """Plugin, distribution, version and class of every component the recipe uses, by field path
+        (`Registry.provenance`); run.json and every checkpoint record it under "plugins"."""
+        return self.registry.provenance(self.recipe)
+
+
+def provenance_changes(saved: dict[str, dict[str, Any]] | None, current: dict[str, dict[str, Any]]) -> list[str]:
+    """What changed in the components' provenance since a checkpoint was written: one line per component
+    whose plugin, distribution, version or class differs (checkpoints written before provenance was
+    recorded give none)."""
+    changes = []
+    for path, now in current.items():
+        then = (saved or {}).get(path)
+        if not then or then.get("name") != now["name"]:
+            continue  # a new or renamed component is a recipe change, not a plugin upgrade
+        what = [f"{key} {then.get(key)} -> {now[key]}" for key in ("plugin", "distribution", "version", "module")
+                if then.get(key) != now[key]]
+        if what:
+            changes.append(f"{path} {now['name']!r} (plugin {now['plugin']}): " + ", ".join(what))
+    return changes
+
+
+def warn_provenance_changes(saved: dict[str, dict[str, Any]] | None, current: dict[str, dict[str, Any]],
+                            checkpoint: Any) -> None:
+    """Log a warning per component whose plugin version (or plugin, distribution, class) changed since
+    `checkpoint` was written: the resumed run goes on with code that did not start it."""
+    for change in provenance_changes(saved, current):
+        log.warning("resuming from %s written with another plugin version: %s", checkpoint, change)
 
 
 def _construct(path: str, factory, *args):

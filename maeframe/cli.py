@@ -42,20 +42,88 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from .plugins import make_plugin_manager, plugin_distribution
-    from .registry import Registry, plural
+    """Components (filtered by --kind and --plugin) with their options, then the plugins themselves."""
+    from .fields import line
+    from .plugins import make_plugin_manager, plugin_distribution, plugin_hooks
+    from .registry import KINDS, Registry, plural
 
+    kinds = {**{kind: kind for kind in KINDS}, **{plural(kind): kind for kind in KINDS}}
+    if args.kind and args.kind not in kinds:
+        print(f"error: --kind {args.kind!r} is not a kind; kinds: {', '.join(KINDS)}", file=sys.stderr)
+        return 2
     pm = make_plugin_manager(args.module)
     registry = Registry(pm)
+    infos = sorted(pm.infos.values(), key=lambda info: info.name)
+    if args.plugin:
+        infos = [info for info in infos if info.named_by(args.plugin)]
+        if not infos:
+            print(f"error: --plugin {args.plugin!r} names no plugin (a plugin, module or distribution name); "
+                  f"plugins found: {', '.join(sorted(pm.infos))}", file=sys.stderr)
+            return 2
+    chosen = {info.name for info in infos}
     for kind, table in registry.entries.items():
+        if args.kind and kinds[args.kind] != kind:
+            continue
+        entries = [entry for _, entry in sorted(table.items()) if entry.plugin in chosen]
+        if not entries and args.plugin:
+            continue  # no empty headings for a plugin's listing
         print(f"{plural(kind)}:")
-        for name, entry in sorted(table.items()):
+        for entry in entries:
             origin = plugin_distribution(pm, entry.plugin)
-            print(f"  {name}  (plugin {entry.plugin}{', ' + origin if origin else ''}; "
+            print(f"  {entry.name}  (plugin {entry.plugin}{', ' + origin if origin else ''}; "
                   f"{entry.cls.__module__}.{entry.cls.__qualname__})")
             for field, info in entry.cls.Options.model_fields.items():
-                default = "required" if info.is_required() else f"default {info.get_default(call_default_factory=True)!r}"
-                print(f"      {field}: {info.description or ''} [{default}]")
+                print(f"      {line(field, info)}")
+    if args.kind:
+        return 0
+    print("plugins:")
+    notes = {"blocked": "blocked by MAEFRAME_BLOCK_PLUGINS", "not allowed": "not named in MAEFRAME_LOAD_PLUGINS"}
+    for info in infos:
+        plugin = pm.get_plugin(info.name)
+        hooks = ", ".join(plugin_hooks(pm, plugin)) if plugin is not None else ""
+        state = f"hooks: {hooks or 'none'}" if info.status == "loaded" else f"not loaded: {notes[info.status]}"
+        where = f"entry point {info.module}" if info.source == "entry point" else f"module {info.module}, imported by name"
+        print(f"  {info.name}  {info.origin}  ({where})  {state}")
+    return 0
+
+
+def cmd_recipe_fields(args: argparse.Namespace) -> int:
+    """Every field of every recipe kind: type and constraints, default, description."""
+    from .fields import line, walk
+    from .recipe import UNUSED_REASON, UNUSED_RUNTIME_FIELDS, FinetuneRecipe, KnnRecipe, LinprobeRecipe, Recipe
+
+    components = {"tokenizer": "tokenizer", "masker": "masker", "target": "target", "losses.<i>": "loss",
+                  "data.train": "dataset", "data.eval": "dataset"}
+    tasks = {"pretrain": Recipe, "finetune": FinetuneRecipe, "linprobe": LinprobeRecipe, "knn": KnnRecipe}
+    for task, model in tasks.items():
+        if args.task and task != args.task:
+            continue
+        print(f"task: {task}{'  (the default when a recipe has no task:)' if task == 'pretrain' else ''}")
+        for path, info in walk(model):
+            if args.match and args.match not in path:
+                continue
+            text = line(path, info)
+            parent, _, leaf = path.rpartition(".")
+            if leaf == "options" and parent in components:
+                text += f"  (`maeframe plugins --kind {components[parent]}` lists each one's options)"
+            if parent == "runtime" and leaf in UNUSED_RUNTIME_FIELDS[task]:
+                text += f"  (refused by a {task} run, which {UNUSED_REASON[task]})"
+            print(f"  {text}")
+    return 0
+
+
+def cmd_new_plugin(args: argparse.Namespace) -> int:
+    """Write a ready plugin distribution (masker, target, loss, tests, pyproject, README)."""
+    from .newplugin import write_plugin
+
+    try:
+        root, names = write_plugin(args.name, args.dir)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {root}: distribution {names['distribution']}, module {names['module']}, plugin {names['name']} "
+          f"(masker {names['name']}_masker, target {names['name']}_target, loss {names['name']}_loss)")
+    print(f"next: cd {root} && pip install -e . && pytest")
     return 0
 
 
@@ -136,10 +204,32 @@ def build_parser() -> argparse.ArgumentParser:
                                "exists and that <output_dir>/<name> can be created and written")
     validate.set_defaults(func=cmd_validate)
 
-    plugins = sub.add_parser("plugins", help="list components by kind with plugin and options",
-                             description="List every registered component, its plugin and its options.")
+    plugins = sub.add_parser("plugins", help="list components by kind with plugin and options, and the plugins",
+                             description="List every registered component (its plugin, distribution, class and "
+                                         "options with type, constraints, choices, default and description), then "
+                                         "every plugin found (distribution and version, module, the hooks it "
+                                         "implements, or why it was not loaded).")
     plugins.add_argument("--module", action="append", default=[], help="also load this plugin module")
+    plugins.add_argument("--kind", help="only this kind: tokenizer, masker, target, loss or dataset")
+    plugins.add_argument("--plugin", help="only this plugin's components (a plugin, module or distribution name)")
     plugins.set_defaults(func=cmd_plugins)
+
+    fields = sub.add_parser("recipe-fields", help="list every recipe field with type, default and description",
+                            description="Print every field a recipe of each task (pretrain, finetune, linprobe, "
+                                        "knn) can set, as a dotted path with its description, type, constraints "
+                                        "and default. Component options are listed by `maeframe plugins`.")
+    fields.add_argument("match", nargs="?", help="only fields whose path contains this text, e.g. max_steps")
+    fields.add_argument("--task", choices=["pretrain", "finetune", "linprobe", "knn"], help="only this task")
+    fields.set_defaults(func=cmd_recipe_fields)
+
+    new_plugin = sub.add_parser("new-plugin", help="start a plugin distribution from the template",
+                                description="Write DIR/maeframe-NAME/: a distribution with a masker, a target and a "
+                                            "loss registered under NAME_masker, NAME_target, NAME_loss, tests "
+                                            "that use maeframe.testing, a pyproject.toml with the `maeframe` "
+                                            "entry point and a README. Its tests pass as generated.")
+    new_plugin.add_argument("name", help="plugin name: lower-case letters, digits and _ (e.g. mylab)")
+    new_plugin.add_argument("--dir", default=".", help="folder to create the distribution in (default: .)")
+    new_plugin.set_defaults(func=cmd_new_plugin)
 
     export = sub.add_parser("export", help="write the encoder as timm-loadable safetensors",
                             description="Export a checkpoint's encoder to safetensors in timm's ViT layout.")

@@ -15,6 +15,8 @@ from .dataset import Dataset
 from .errors import PluginError
 from .loss import Loss
 from .masker import Masker
+from .plugins import PluginManager, plugin_info
+from .recipe import component_refs
 from .target import Target
 from .tokenizer import Tokenizer
 
@@ -50,6 +52,7 @@ class Registry:
     def __init__(self, pm: pluggy.PluginManager):
         self.pm = pm
         self.entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
+        self.built: dict[tuple[str, str], None] = {}  # (kind, name) that `build` constructed, in order
         for kind, (hook_name, base) in KINDS.items():
             for impl in getattr(pm.hook, hook_name).get_hookimpls():
                 self._collect(kind, base, hook_name, impl)
@@ -87,8 +90,33 @@ class Registry:
         table = self.entries[kind]
         if name not in table:
             known = ", ".join(sorted(table)) or "none"
-            raise PluginError(f"unknown {kind} {name!r}; registered {plural(kind)}: {known}")
+            raise PluginError(f"unknown {kind} {name!r}; registered {plural(kind)}: {known}{self._load_note()}")
         return table[name]
+
+    def _load_note(self) -> str:
+        """' (MAEFRAME_BLOCK_PLUGINS=masking blocks: masking)' when a block or allow list is in force."""
+        if not isinstance(self.pm, PluginManager) or not self.pm.control.active:
+            return ""
+        return f" ({self.pm.load_note()})"
+
+    def provenance(self, recipe: Any) -> dict[str, dict[str, str | None]]:
+        """Where each component the recipe uses comes from, by field path ("masker", "losses.0",
+        "data.train"): {"name", "plugin", "distribution", "version", "module"}, where distribution and
+        version are those of the installed distribution that ships the plugin (None for a module that is
+        not installed; version then falls back to the module's `__version__`) and module is the class's
+        `module.qualname`. Components that others built by name while the recipe was prepared (a
+        curriculum's strategies) follow under "built/<kind>/<name>". Recorded in run.json and checkpoints."""
+        used = [(path, kind, ref.name) for path, kind, ref in component_refs(recipe)]
+        used += [(f"built/{kind}/{name}", kind, name) for kind, name in self.built]
+        out: dict[str, dict[str, str | None]] = {}
+        for path, kind, name in used:
+            entry = self.get(kind, name)
+            info = plugin_info(self.pm, entry.plugin)
+            out[path] = {"name": name, "plugin": entry.plugin,
+                         "distribution": info.distribution if info else None,
+                         "version": info.version if info else None,
+                         "module": f"{entry.cls.__module__}.{entry.cls.__qualname__}"}
+        return out
 
     @contextlib.contextmanager
     def active(self):
@@ -102,6 +130,7 @@ class Registry:
     def build(self, kind: str, name: str, options: dict[str, Any], *args: Any) -> Component:
         """Validate `options` for component `name` and construct it with `args` (spec or tokenizer)."""
         entry = self.get(kind, name)
+        self.built[(kind, name)] = None
         return entry.cls(entry.cls.Options.model_validate(options), *args)
 
 

@@ -31,7 +31,7 @@ def test_run_directory_holds_everything(tmp_path):
     assert (run / "recipe.yaml").read_text().startswith("task: pretrain")
     facts = json.loads((run / "run.json").read_text())
     assert facts["effective_batch"] == 16 and facts["steps_per_epoch"] == 4
-    assert facts["components"]["masker/random"] == "masking"
+    assert facts["plugins"]["masker"]["plugin"] == "masking"
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     for name in ["last.pt", "checkpoint-epoch0001.pt", "checkpoint-epoch0002.pt"]:
         assert load_checkpoint(run / name)["format"] == "maeframe-checkpoint-1"

@@ -87,8 +87,11 @@ def test_installed_plugin_is_listed_with_its_distribution_and_options(example_si
                         r"maeframe_plugin_example\.grid\.GridMasker\)", lines[header[0]])
     # the option lines follow the component line
     options = lines[header[0] + 1: header[0] + 3]
-    assert re.fullmatch(r"\s+stride: .+\S \[default 2\]", options[0])
-    assert re.fullmatch(r"\s+random_offset: .+\S \[default False\]", options[1])
+    assert re.fullmatch(r"\s+stride: .+\S \[int >= 2; default 2\]", options[0])  # type, constraint, default
+    assert re.fullmatch(r"\s+random_offset: .+\S \[bool; default false\]", options[1])
+    # the plugin itself: distribution, version, module and hooks
+    assert re.search(r"^  example  maeframe[-_]plugin[-_]example 0\.1\.0  \(entry point maeframe_plugin_example\)  "
+                     r"hooks: register_maskers$", result.stdout, re.M)
     assert lines.index("maskers:") < header[0] < lines.index("targets:")
 
 
@@ -101,7 +104,12 @@ def test_installed_plugin_trains_from_a_recipe(example_site, tmp_path):
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert metrics and metrics[-1]["step"] == 4 and math.isfinite(metrics[-1]["loss"])
     facts = json.loads((run_dir / "run.json").read_text())
-    assert facts["components"]["masker/grid"] == "example"
+    provenance = dict(facts["plugins"]["masker"])
+    assert provenance.pop("distribution").replace("_", "-") == "maeframe-plugin-example"
+    assert provenance == {"name": "grid", "plugin": "example", "version": "0.1.0",
+                          "module": "maeframe_plugin_example.grid.GridMasker"}
+    assert facts["plugins"]["target"]["plugin"] == "targets" and "masker/random" not in json.dumps(facts)
+    assert torch.load(run_dir / "last.pt", weights_only=True)["plugins"] == facts["plugins"]
     assert "grid" in (run_dir / "recipe.yaml").read_text()
 
 

@@ -98,7 +98,7 @@ def test_plugins_lists_components_with_plugin_and_options(capsys):
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
     assert "maskers:" in out and "random  (plugin masking, maeframe 0.1.0" in out
-    assert "ratio: fraction of tokens hidden from the encoder [default 0.75]" in out
+    assert "ratio: fraction of tokens hidden from the encoder [float >= 0, < 1; default 0.75]" in out
     assert "fashion_mnist" in out and "image_patch" in out and "pixel" in out and "mse" in out
 
 

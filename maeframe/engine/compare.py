@@ -276,7 +276,7 @@ def build_report(variants: list[Variant], name: str, root: Path, overrides, seed
         recipe = v.prepared.recipe
         rows.append({
             "variant": v.name, "recipe": v.path, "run_dir": str(v.run_dir),
-            "masker": recipe.masker.model_dump(mode="json"),
+            "masker": recipe.masker.model_dump(mode="json"), "target": recipe.target.model_dump(mode="json"),
             "losses": [ref.model_dump(mode="json") for ref in recipe.losses],
             "steps": v.facts.get("final_step"), "total_steps": v.facts.get("total_steps"),
             "final_train_loss": tail_mean(v.metrics, "loss"),
@@ -355,7 +355,8 @@ def render_markdown(report: dict[str, Any], root: Path) -> str:
     for row in rows:
         losses = " + ".join(f"{ref['weight']:g}·{ref['name']}{_options(ref['options'])}" for ref in row["losses"])
         lines += [f"- `{row['variant']}` ({row['recipe']}): masker `{row['masker']['name']}`"
-                  f"{_options(row['masker']['options'])}; losses {losses}; {row['steps']} steps"]
+                  f"{_options(row['masker']['options'])}; target `{row['target']['name']}`"
+                  f"{_options(row['target']['options'])}; losses {losses}; {row['steps']} steps"]
     if report["differences"]:
         lines += ["", "Resolved-recipe fields that differ:", "", "| field | " +
                   " | ".join(f"`{r['variant']}`" for r in rows) + " |", "|" + "---|" * (len(rows) + 1)]

@@ -30,7 +30,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .. import __version__
-from ..build import Prepared, build_dataset
+from ..build import Prepared, build_dataset, warn_provenance_changes
 from ..errors import MaeframeError
 from ..recipe import dump_recipe
 from .checkpoint import (FORMAT, TENSOR_KEYS, atomic_save, load_checkpoint, prune, read_run_state, remove,
@@ -322,6 +322,7 @@ class Trainer:
             "rng": rng_state(),
             **self.extra_state(),
             "recipe": self.recipe.model_dump(mode="json"),
+            "plugins": self.prepared.provenance(),
         }
 
     def save(self, path: Path) -> None:
@@ -353,6 +354,7 @@ class Trainer:
         self.samples.load_state_dict(state.get("samples"))
         self.load_extra_state(state)
         set_rng_state(state["rng"])
+        warn_provenance_changes(state.get("plugins"), self.prepared.provenance(), path)
 
     @staticmethod
     def _checkpoint_step(path: Path) -> int:
@@ -380,5 +382,6 @@ class Trainer:
             "unreadable_at_build": {"count": self.samples.unreadable, "first": self.dataset.unreadable()[:20]},
             **self.run_facts(),
             **({"resumes": resumes} if resumes else {}),
+            "plugins": self.prepared.provenance(),
         }
         self.run_dir.write_text("run.json", json.dumps(facts, indent=2) + "\n")

@@ -79,12 +79,9 @@ class Pretrainer(Trainer):
             part.load_versioned_state(saved[key], field)
 
     def run_facts(self) -> dict[str, Any]:
-        registry = self.prepared.registry
         return {
             "dataset_size": len(self.dataset),
             "params": {"encoder": count_parameters(self.model.encoder), "decoder": count_parameters(self.model.decoder)},
-            "components": {f"{kind}/{name}": entry.plugin for kind, table in registry.entries.items()
-                           for name, entry in table.items()},
         }
 
     # --- pictures ----------------------------------------------------------------------------------------
