@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from torch import Tensor
 
-from maeframe import Options, Tokenizer, Tokens, TokenSpec, as_pair, hookimpl
+from maeframe import Mask, Options, Tokenizer, Tokens, TokenSpec, as_pair, hookimpl
 
 
 class ImagePatchOptions(Options):
@@ -91,9 +91,9 @@ class ImagePatchTokenizer(Tokenizer):
         x = patches.reshape(b, gh, gw, p, q, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(b, c, gh * p, gw * q)
 
-    def save_pictures(self, panels: Tensor, path: Path) -> list[Path]:
+    def save_pictures(self, panels: Tensor, path: Path, mask: Mask | None = None) -> list[Path]:
         """panels [B, 4, C, H, W] -> a PNG of the `display_channels` (1 or 3 of the C)."""
-        return super().save_pictures(panels[:, :, self.options.drawn], path)
+        return super().save_pictures(panels[:, :, self.options.drawn], path, mask)
 
 
 @hookimpl
