@@ -315,6 +315,8 @@ EXERCISED_HOOKS = {
     "register_tokenizers", "register_maskers", "register_targets", "register_losses", "register_datasets",
     # recipe and lifecycle
     "validate_recipe", "on_train_start", "log_metrics", "on_epoch_end", "on_train_end",
+    # command line: test_a_plugin_adds_a_subcommand_through_register_commands
+    "register_commands",
 }
 
 
