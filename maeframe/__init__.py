@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time `__getattr_
     from .build import prepare
     from .registry import build_component, component_class
     from .seeding import python_numpy_seeded
+    from .weights import EncoderLayout, WeightFormat
     from .tokenizer import Tokenizer, Tokens, TokenSpec, as_pair
 
 __version__ = "0.1.0"
@@ -31,6 +32,7 @@ _LAZY = {  # public name -> submodule defining it (each imports torch)
     "visible_count": "masker", "Target": "target", "TargetOut": "target", "Tokenizer": "tokenizer",
     "Tokens": "tokenizer", "TokenSpec": "tokenizer", "as_pair": "tokenizer", "python_numpy_seeded": "seeding",
     "prepare": "build", "build_component": "registry", "component_class": "registry",
+    "WeightFormat": "weights", "EncoderLayout": "weights",
 }
 __all__ = [*_LAZY, "hookimpl", "MaeframeError", "OptionError", "PluginError", "RecipeError"]
 

@@ -12,7 +12,7 @@ import pluggy
 
 from .component import Component
 from .dataset import Dataset
-from .errors import OptionError, RecipeError
+from .errors import OptionError, PluginError, RecipeError
 from .loss import Loss
 from .masker import Masker
 from .model.windowed import resolve_window
@@ -21,6 +21,7 @@ from .recipe import RECIPE_TYPES, AnyRecipe, ComponentRef, RuntimeConfig, load_r
 from .registry import Registry
 from .target import Target
 from .tokenizer import Tokenizer
+from .weights import WeightFormat
 
 log = logging.getLogger("maeframe.plugins")
 
@@ -29,12 +30,14 @@ log = logging.getLogger("maeframe.plugins")
 class Components:
     """The per-step objects a recipe selects. losses: (label, weight, loss) in recipe order; the label is
     the loss name, or "name.i" when a name appears twice (metrics are logged as loss/<label>).
-    Downstream recipes (finetune, linprobe, knn) have only a tokenizer: masker and target are None."""
+    Downstream recipes (finetune, linprobe, knn) have a tokenizer and the reader of their `init.format`
+    (None for `none`): masker and target are None. `all()` lists the per-step components."""
 
     tokenizer: Tokenizer
     masker: Masker | None
     target: Target | None
     losses: list[tuple[str, float, Loss]]
+    weight_format: WeightFormat | None = None
 
     def all(self) -> list[Component]:
         parts = [self.tokenizer, self.masker, self.target, *(loss for _, _, loss in self.losses)]
@@ -112,9 +115,16 @@ def _prepare(recipe: AnyRecipe, pm: pluggy.PluginManager, registry: Registry) ->
     get = lambda kind, ref: registry.get(kind, ref.name).cls  # noqa: E731
     tokenizer = _construct("tokenizer", get("tokenizer", recipe.tokenizer), options["tokenizer"])
     if recipe.task != "pretrain":
-        # finetune / linprobe / knn need the tokenizer only; `validate_recipe` hooks inspect pretraining
-        # recipes (masker, target, losses) and are not called for them
-        return Prepared(recipe, pm, registry, Components(tokenizer, None, None, []))
+        # finetune / linprobe / knn need the tokenizer and the weights' reader; `validate_recipe` hooks
+        # inspect pretraining recipes (masker, target, losses) and are not called for them
+        fmt = None
+        if recipe.init.format != "none":
+            try:
+                entry = registry.get("weight_format", recipe.init.format)
+            except PluginError as err:
+                raise RecipeError([("init.format", str(err))]) from None
+            fmt = entry.cls(entry.cls.Options())
+        return Prepared(recipe, pm, registry, Components(tokenizer, None, None, [], fmt))
     model = recipe.model
     if model.decoder_attention == "local":
         shift = model.decoder_window_shift or tuple(w // 2 for w in model.decoder_window)

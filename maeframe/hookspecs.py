@@ -42,6 +42,12 @@ def register_datasets(register: Register) -> None:
     """Register `maeframe.Dataset` subclasses."""
 
 
+@hookspec
+def register_weight_formats(register: Register) -> None:
+    """Register `maeframe.WeightFormat` subclasses: file formats of pretrained encoder weights that a
+    downstream recipe's `init.format` names, e.g. register("official_videomae", VideoMAEWeights)."""
+
+
 # --- command line ---------------------------------------------------------------------------------
 
 @hookspec

@@ -211,10 +211,11 @@ class EncoderConfig(Strict):
 
 
 class InitConfig(Strict):
-    format: Literal["maeframe", "official_mae", "official_videomae", "official_audiomae", "none"] = Field(
-        "maeframe", description="maeframe: a maeframe checkpoint (runs/NAME/last.pt); official_mae: reference "
-                                "MAE weights (.pth); official_videomae / official_audiomae: reference VideoMAE / "
-                                "AudioMAE weights (.pth); none: random initialisation (the baseline)")
+    format: str = Field("maeframe", description="the weights' format, a registered weight format "
+                                                "(`maeframe plugins --kind weight_format`): maeframe (a maeframe "
+                                                "checkpoint, runs/NAME/last.pt), official_mae, official_videomae, "
+                                                "official_audiomae (reference .pth files), ...; none: random "
+                                                "initialisation (the baseline)")
     checkpoint: str | None = Field(None, description="path of the weights; only the encoder is used")
 
     @model_validator(mode="after")

@@ -19,6 +19,7 @@ from .plugins import PluginManager, plugin_info
 from .recipe import component_refs
 from .target import Target
 from .tokenizer import Tokenizer
+from .weights import WeightFormat
 
 KINDS: dict[str, tuple[str, type[Component]]] = {
     # kind: (registration hook, required base class)
@@ -27,6 +28,7 @@ KINDS: dict[str, tuple[str, type[Component]]] = {
     "target": ("register_targets", Target),
     "loss": ("register_losses", Loss),
     "dataset": ("register_datasets", Dataset),
+    "weight_format": ("register_weight_formats", WeightFormat),
 }
 _ACTIVE: ContextVar[Registry | None] = ContextVar("maeframe_registry", default=None)
 _NAME = re.compile(r"^[a-z][a-z0-9_.\-]*$")

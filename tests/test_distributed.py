@@ -91,8 +91,10 @@ def test_fsdp_two_processes_follow_the_single_process_trajectory(tmp_path, singl
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(a["blocks.0.mlp.fc1.weight"], gathered["model"]["encoder.blocks.0.mlp.fc1.weight"])
     # a downstream recipe initialises from the directory as from the file
-    recipe = prepare(RECIPES / "knn_fmnist.yaml", [f"init.checkpoint={run_dir / 'last.dcp'}"]).recipe
-    encoder = pretrained_encoder_state(recipe.init, TokenSpec((7, 7), (4, 4), 1), recipe.model.model_copy(
+    prepared = prepare(RECIPES / "knn_fmnist.yaml", [f"init.checkpoint={run_dir / 'last.dcp'}"])
+    recipe = prepared.recipe
+    encoder = pretrained_encoder_state(prepared.components.weight_format, recipe.init, TokenSpec((7, 7), (4, 4), 1),
+                                       recipe.model.model_copy(
         update={"embed_dim": 32, "depth": 1, "num_heads": 2}), recipe.tokenizer.options)
     assert all(torch.equal(v, converted["model"][k]) for k, v in encoder.items()) and len(encoder) > 10
 

@@ -22,7 +22,7 @@ from maeframe.model.classifier import Classifier
 from maeframe.engine.pretrain import Pretrainer
 from maeframe.errors import MaeframeError, RecipeError
 from maeframe.interop.export_classifier import load_classifier
-from maeframe.interop.official_av import audiomae_to_maeframe, videomae_to_maeframe
+from maeframe_plugins.official_av import audiomae_to_maeframe, videomae_to_maeframe
 from maeframe.recipe import EncoderConfig
 from maeframe_plugins.video_data import ClipAugment, crop_offsets, eval_crop_corner
 from conftest import RECIPES

@@ -104,13 +104,13 @@ class FineTuner(Trainer):
 
     def build_model(self) -> Classifier:
         recipe = self.recipe
-        head = recipe.head
+        head, fmt = recipe.head, self.prepared.components.weight_format
         model = Classifier(self.tokenizer.spec, recipe.model, len(self.classes), head.pool, bn_head=self.bn_head,
-                           features=head.features, layout=encoder_layout(recipe.init))
+                           features=head.features, layout=encoder_layout(fmt))
         model.reset_parameters(head.init_std or self.default_head_std)
         self.unused_keys: list[str] = []
-        if recipe.init.format != "none" and model.encoder is not None:
-            weights = pretrained_encoder_state(recipe.init, self.tokenizer.spec, recipe.model,
+        if fmt is not None and model.encoder is not None:
+            weights = pretrained_encoder_state(fmt, recipe.init, self.tokenizer.spec, recipe.model,
                                                recipe.tokenizer.options)
             self.unused_keys = load_encoder(model, weights, recipe.init.checkpoint)
         return model

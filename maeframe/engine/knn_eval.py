@@ -14,7 +14,7 @@ import torch
 from .. import __version__
 from ..build import Prepared, build_dataset
 from ..errors import MaeframeError
-from ..interop.encoder_weights import load_encoder, pretrained_encoder_state
+from ..interop.encoder_weights import encoder_layout, load_encoder, pretrained_encoder_state
 from ..model.classifier import Classifier
 from ..model.vit import Encoder
 from ..recipe import dump_recipe
@@ -30,15 +30,15 @@ from .window import device_name
 def build_encoder(prepared: Prepared, device: torch.device) -> Encoder:
     """The recipe's encoder (with its final norm), initialised as pretraining does and loaded from `init`
     unless that is none; frozen, in eval mode."""
-    recipe = prepared.recipe
+    recipe, fmt = prepared.recipe, prepared.components.weight_format
     spec = prepared.components.tokenizer.spec
-    if recipe.init.format == "official_videomae":
-        raise MaeframeError("init.format: k-NN reads the encoder's cls-token layout; official VideoMAE weights "
-                            "(no cls token) are supported by finetune and linprobe recipes")
+    if not encoder_layout(fmt).cls_token:
+        raise MaeframeError(f"init.format: k-NN reads the encoder's cls-token layout; {recipe.init.format} weights "
+                            f"have no cls token (finetune and linprobe recipes use them)")
     holder = Classifier(spec, recipe.model, num_classes=1, pool="cls")  # cls keeps the encoder's final norm
     holder.reset_parameters(head_std=0.01)
-    if recipe.init.format != "none":
-        weights = pretrained_encoder_state(recipe.init, spec, recipe.model, recipe.tokenizer.options)
+    if fmt is not None:
+        weights = pretrained_encoder_state(fmt, recipe.init, spec, recipe.model, recipe.tokenizer.options)
         load_encoder(holder, weights, recipe.init.checkpoint)
     return holder.encoder.to(device).eval().requires_grad_(False)
 

@@ -39,7 +39,7 @@ def load_classifier(checkpoint: str | Path, ema: bool = False) -> tuple[ImageCla
     tokenizer, head = prepared.components.tokenizer, recipe.head
     classes = state["classes"]
     model = Classifier(tokenizer.spec, recipe.model, len(classes), head.pool, bn_head=task == "linprobe",
-                       features=head.features, layout=encoder_layout(recipe.init))
+                       features=head.features, layout=encoder_layout(prepared.components.weight_format))
     weights = state["ema"] if ema else state["model"]
     if weights is None:
         raise InteropError(f"{checkpoint}: the run kept no EMA weights")

@@ -8,8 +8,9 @@ Names follow the pretraining model, so a checkpoint's `encoder.*` weights load a
 pool="avg" follows MAE fine-tuning: the encoder's final norm is dropped, the patch tokens are averaged and
 normalised by a new LayerNorm (`fc_norm`). pool="cls" keeps the final norm and takes the cls token.
 Position embeddings are fixed sin-cos buffers of the token grid, so another resolution is just another grid.
-layout="videomae" runs the encoder as the reference VideoMAE does (for its official weights): no cls token
-and a fixed 1-D sinusoid table over the token index instead of the per-axis sin-cos; pool must be "avg".
+`layout` (an `EncoderLayout` of the weights' format) can drop the cls token — every token is encoded, pool
+must be "avg" — and replace the per-axis sin-cos positions by the format's own table (e.g. official VideoMAE
+weights: no cls token, a 1-D sinusoid over the token index).
 """
 from __future__ import annotations
 
@@ -21,10 +22,10 @@ from torch import Tensor, nn
 from torch.distributed.nn.functional import all_reduce
 
 from ..errors import MaeframeError
-from ..interop.official_av import videomae_positions
 from .vit import Encoder, LayerNorm
 from ..recipe import EncoderConfig
 from ..tokenizer import TokenSpec
+from ..weights import EncoderLayout
 
 
 def layer_id(name: str, depth: int) -> int:
@@ -72,13 +73,11 @@ class Classifier(nn.Module):
     """
 
     def __init__(self, spec: TokenSpec, config: EncoderConfig, num_classes: int, pool: str = "avg",
-                 bn_head: bool = False, features: str = "encoder", layout: str = "maeframe"):
+                 bn_head: bool = False, features: str = "encoder", layout: EncoderLayout = EncoderLayout()):
         super().__init__()
-        if layout not in ("maeframe", "videomae"):
-            raise MaeframeError(f"encoder layout {layout!r} is not one of maeframe, videomae")
-        if layout == "videomae" and (pool != "avg" or features != "encoder"):
-            raise MaeframeError("head.pool: a VideoMAE encoder (init.format: official_videomae) has no cls token; "
-                                "use pool: avg")
+        if not layout.cls_token and (pool != "avg" or features != "encoder"):
+            raise MaeframeError("head.pool: the encoder these weights need has no cls token (init.format); use "
+                                "pool: avg")
         self.pool, self.features, self.depth, self.layout = pool, features, config.depth, layout
         self.encoder_frozen = False
         if features == "pixels":
@@ -89,9 +88,10 @@ class Classifier(nn.Module):
             self.encoder = Encoder(spec.grid, spec.patch_dim, config.embed_dim, config.depth, config.num_heads,
                                    config.mlp_ratio, config.drop_path)
             width = config.embed_dim
-            if layout == "videomae":
-                self.encoder.cls_token = None            # unregisters it: VideoMAE has none
-                self.encoder.pos_embed = videomae_positions(spec.num_tokens, width)[None]
+            if not layout.cls_token:
+                self.encoder.cls_token = None            # unregisters it (e.g. VideoMAE has none)
+            if layout.positions is not None:             # the weights' own fixed position table
+                self.encoder.pos_embed = layout.positions(spec.num_tokens, width)[None]
             if pool == "avg":
                 self.encoder.norm = nn.Identity()
                 self.fc_norm = LayerNorm(width)
@@ -140,7 +140,7 @@ class Classifier(nn.Module):
         if self.encoder is None:
             return patches.flatten(1)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder_frozen):
-            if self.layout == "videomae":                # every token, no cls token (VideoMAE's forward)
+            if not self.layout.cls_token:                # every token, no cls token (e.g. VideoMAE's forward)
                 encoder = self.encoder
                 tokens = encoder.norm(encoder.blocks(encoder.patch_embed(patches) + encoder.pos_embed))
                 return self.fc_norm(tokens.mean(1))

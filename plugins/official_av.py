@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .official_mae import InteropError, official_to_maeframe
+from maeframe.interop import InteropError, official_to_maeframe
 
 VIDEOMAE_DROPPED = ("encoder_to_decoder.", "mask_token", "decoder.", "head.", "fc_norm.", "fc_dropout.")
 AUDIOMAE_DROPPED = ("decoder_", "mask_token", "head.", "fc_norm.")
