@@ -23,6 +23,9 @@ from maeframe.engine.pretrain import Pretrainer
 from maeframe.errors import MaeframeError, RecipeError
 from maeframe.interop.export_classifier import load_classifier
 from maeframe_plugins.official_av import audiomae_to_maeframe, videomae_to_maeframe
+from maeframe_plugins.weight_formats import OfficialVideoMAEWeights
+
+VIDEOMAE_LAYOUT = OfficialVideoMAEWeights(OfficialVideoMAEWeights.Options()).layout
 from maeframe.recipe import EncoderConfig
 from maeframe_plugins.video_data import ClipAugment, crop_offsets, eval_crop_corner
 from conftest import RECIPES
@@ -436,7 +439,7 @@ def test_official_videomae_weights_give_videomae_outputs(tmp_path):
     state = synthetic_videomae()
     converted = videomae_to_maeframe(state, tokenizer.spec.num_tokens)
     assert {k for k in converted if "q_bias" in k or "v_bias" in k} == set()
-    model = Classifier(tokenizer.spec, prepared.recipe.model, 10, layout="videomae").eval()
+    model = Classifier(tokenizer.spec, prepared.recipe.model, 10, layout=VIDEOMAE_LAYOUT).eval()
     assert "encoder.cls_token" not in model.state_dict()
     own = {k for k in model.state_dict() if k.startswith("encoder.")}
     assert own == set(converted) - {"encoder.norm.weight", "encoder.norm.bias"}   # every key maps
@@ -459,7 +462,7 @@ def test_official_videomae_checkpoint_fine_tunes(tmp_path):
     torch.save({"module": synthetic_videomae(pretraining=True)}, tmp_path / "videomae.pth")
     trainer = FineTuner(video_finetune(tmp_path, tmp_path / "videomae.pth", "init.format=official_videomae",
                                        "model.depth=2", "runtime.max_steps=2"))
-    assert trainer.model.layout == "videomae" and trainer.unused_keys == ["encoder.norm.weight", "encoder.norm.bias"]
+    assert trainer.model.layout == VIDEOMAE_LAYOUT and trainer.unused_keys == ["encoder.norm.weight", "encoder.norm.bias"]
     assert trainer.train()["step"] == 2
     exported, _ = load_classifier(tmp_path / "finetune_video_moving_fmnist" / "last.pt")  # same layout back
     clip = torch.randn(2, *trainer.tokenizer.input_shape)
@@ -467,7 +470,7 @@ def test_official_videomae_checkpoint_fine_tunes(tmp_path):
         assert torch.allclose(exported(clip), trainer.model.eval()(trainer.tokenizer.tokenize(clip).patches))
     with pytest.raises(MaeframeError, match="no cls token"):
         Classifier(trainer.tokenizer.spec, EncoderConfig(embed_dim=24, depth=1, num_heads=2), 3, pool="cls",
-                   layout="videomae")
+                   layout=VIDEOMAE_LAYOUT)
 
 
 def audiomae_pos_embed(grid, dim):

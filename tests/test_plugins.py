@@ -317,6 +317,8 @@ EXERCISED_HOOKS = {
     "validate_recipe", "on_train_start", "log_metrics", "on_epoch_end", "on_train_end",
     # command line: test_a_plugin_adds_a_subcommand_through_register_commands
     "register_commands",
+    # weight formats: test_a_plugin_supplies_a_weight_format_for_init_format
+    "register_weight_formats",
 }
 
 
@@ -333,13 +335,17 @@ def test_every_registration_hook_from_a_plugin(write_plugin):
         from maeframe_plugins.losses import MaskedMSE
         from maeframe_plugins.masking import RandomMasker
         from maeframe_plugins.targets import PixelTarget
+        from maeframe_plugins.weight_formats import OfficialMAEWeights
 
         class MyTokenizer(ImagePatchTokenizer): pass
         class MyMasker(RandomMasker): pass
         class MyTarget(PixelTarget): pass
         class MyLoss(MaskedMSE): pass
         class MyDataset(FashionMNISTDataset): pass
+        class MyWeightFormat(OfficialMAEWeights): pass
 
+        @hookimpl
+        def register_weight_formats(register): register("my_weight_format", MyWeightFormat)
         @hookimpl
         def register_tokenizers(register): register("my_tokenizer", MyTokenizer)
         @hookimpl
@@ -542,3 +548,49 @@ def test_a_plugin_adds_a_subcommand_through_register_commands(tmp_path, monkeypa
     monkeypatch.setenv(BLOCK_ENV, "hello")
     with pytest.raises(SystemExit):
         main(["hello", "world"])  # blocked: no such subcommand
+
+
+PLAIN_WEIGHTS = '''
+import torch
+from maeframe import EncoderLayout, WeightFormat, hookimpl
+
+def ramp(num_tokens, width):
+    return torch.linspace(0, 1, num_tokens * width).view(num_tokens, width)
+
+class PlainWeights(WeightFormat):
+    """torch.save({name: tensor}) of maeframe's encoder names, encoded without a cls token."""
+    @property
+    def layout(self):
+        return EncoderLayout(cls_token=False, positions=ramp)
+    def read(self, path, spec, model, tokenizer_options):
+        return torch.load(path, weights_only=True)
+
+@hookimpl
+def register_weight_formats(register):
+    register("plain", PlainWeights)
+'''
+
+
+def test_a_plugin_supplies_a_weight_format_for_init_format(tmp_path, monkeypatch):
+    """A third-party `WeightFormat` (a plain torch.save dict of maeframe-named tensors, encoded without a cls
+    token and with its own position table) is selected by `init.format` and read for fine-tuning; an unknown
+    format is a field error listing the registered ones."""
+    from maeframe.engine.finetune import FineTuner
+
+    (tmp_path / "mf_plain_weights.py").write_text(PLAIN_WEIGHTS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    pretrain = Pretrainer(prepare(QUICKSTART, tiny(tmp_path / "pre", "runtime.max_steps=1")))
+    pretrain.train()
+    weights = {k: v for k, v in pretrain.model.state_dict().items()
+               if k.startswith("encoder.") and "cls_token" not in k and "pos_embed" not in k}
+    torch.save(weights, tmp_path / "plain.pt")
+    recipe = conftest.RECIPES / "finetune_fmnist.yaml"
+    overrides = ["plugins=[mf_plain_weights]", "init.format=plain", f"init.checkpoint={tmp_path / 'plain.pt'}",
+                 "model.embed_dim=32", "model.depth=1", "model.num_heads=2", f"runtime.output_dir={tmp_path}"]
+    tuner = FineTuner(prepare(recipe, overrides))
+    ours = tuner.model.state_dict()
+    assert "encoder.cls_token" not in ours
+    assert torch.equal(ours["encoder.blocks.0.mlp.fc1.weight"], weights["encoder.blocks.0.mlp.fc1.weight"])
+    assert torch.equal(tuner.model.encoder.pos_embed[0, 1], torch.linspace(0, 1, 49 * 32).view(49, 32)[1])
+    with pytest.raises(RecipeError, match=r"unknown weight_format 'plainer'.*plain"):
+        prepare(recipe, [o.replace("=plain", "=plainer") for o in overrides])
