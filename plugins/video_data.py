@@ -42,7 +42,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 
@@ -50,6 +50,7 @@ from maeframe import Dataset, Options, hookimpl
 from maeframe.engine.augment import build_rand_augment, python_numpy_seeded
 
 from .image_data import FASHION_MNIST_ROOT, load_fashion_mnist
+from .torchcodec_reader import TorchcodecReader, torchcodec_problem
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp",
                     ".ogv")
@@ -157,7 +158,8 @@ def eval_crop_corner(height: int, width: int, out_size: tuple[int, int], crop: i
 
 
 def _resize(frames: Tensor, size: tuple[int, int]) -> Tensor:
-    """frames [T, C, h, w] float -> [T, C, *size], bilinear, antialiased when shrinking."""
+    """frames [T, C, h, w] uint8 or float -> [T, C, *size], bilinear, antialiased when shrinking (uint8 in and
+    out, rounded, runs torch's vectorised uint8 kernel: several times faster than float)."""
     if tuple(frames.shape[-2:]) == tuple(size):
         return frames
     return F.interpolate(frames, size=size, mode="bilinear", align_corners=False, antialias=True)
@@ -205,6 +207,21 @@ class VideoAugmentOptions(Options):
     cache: bool = Field(False, description="decode each video once, whole, at the short side, and keep it in "
                                            "memory (per process): only for a handful of short videos")
     limit: int | None = Field(None, gt=0, description="use only the first N videos (quick runs)")
+    decoder: Literal["decord", "torchcodec"] = Field(
+        "decord", description="video decoder: decord (default) or torchcodec (optional: pip install "
+                              "'maeframe[video-torchcodec]', plus FFmpeg's libraries); same frames at the native size")
+    repeats: int = Field(1, ge=1, description="training: clips per decoded video (repeated sampling, VideoMAE v2's "
+                                              "num_sample): k clips with their own start, crop and flip, counted as "
+                                              "k samples of data.batch_size (which k must divide); an epoch is "
+                                              "one pass over the videos, k clips each")
+
+    @field_validator("decoder")
+    @classmethod
+    def _decoder_available(cls, decoder: str) -> str:
+        problem = torchcodec_problem() if decoder == "torchcodec" else None
+        if problem:
+            raise ValueError(problem)
+        return decoder
 
     @model_validator(mode="after")
     def _ranges(self) -> VideoAugmentOptions:
@@ -258,7 +275,10 @@ def _augment_seed(generator: torch.Generator | None) -> int:
 
 
 class ClipTransform:
-    """uint8 frames [T, h, w, C] -> normalised float clip [C, T, H, W] (training or evaluation geometry)."""
+    """uint8 frames [T, h, w, C] -> normalised float clip [C, T, H, W] (training or evaluation geometry).
+
+    Crops, resizes and flips stay in uint8 (the resize rounds, as VideoMAE's PIL pipeline does); only the
+    output-sized clip is converted to float and normalised."""
 
     def __init__(self, options: VideoAugmentOptions, input_shape: tuple[int, ...], train: bool):
         self.options, self.train = options, train
@@ -269,7 +289,7 @@ class ClipTransform:
         self.augment: ClipAugment | None = None      # set for fine-tuning (training only)
 
     def pre_resize(self, frames: Tensor) -> Tensor:
-        """[T, C, h, w] float -> short side `short_side` (no-op when null or already there)."""
+        """[T, C, h, w] -> short side `short_side` (no-op when null or already there)."""
         short = self.options.short_side
         if short is None or min(frames.shape[-2:]) == short:
             return frames
@@ -278,9 +298,7 @@ class ClipTransform:
     def __call__(self, frames: Tensor, generator: torch.Generator | None = None, crop: int = 0,
                  crops: int = 1) -> Tensor:
         """uint8 [T, h, w, C] -> [C, T, H, W]; evaluation takes spatial view `crop` of `crops`."""
-        x = frames.permute(0, 3, 1, 2).float()                        # [T, C, h, w], 0..255
-        x = self._fit_channels(x)
-        x = self.pre_resize(x)
+        x = self.pre_resize(frames.permute(0, 3, 1, 2))               # uint8 [T, C, h, w], channels last
         h, w = x.shape[-2:]
         seed = None
         if self.train:
@@ -295,7 +313,7 @@ class ClipTransform:
                 x = x.flip(-1)
             if self.augment is not None:
                 seed = _augment_seed(generator)
-                x = self.augment.frames(x, seed)
+                x = self.augment.frames(x.float(), seed)
         else:
             (out_h, out_w), scale = self.out_size, max(self.out_size[0] / h, self.out_size[1] / w)
             if scale > 1:   # smaller than the crop: enlarge just enough to cover it
@@ -303,18 +321,20 @@ class ClipTransform:
                 x = _resize(x, (h, w))
             top, left = eval_crop_corner(h, w, self.out_size, crop, crops)
             x = x[..., top:top + out_h, left:left + out_w]
-        x = x.permute(1, 0, 2, 3).clamp(0, 255) / 255.0                # [C, T, H, W] in [0, 1]
-        x = (x - self.mean) / self.std
+        x = self._fit_channels(x)
+        x = x.permute(1, 0, 2, 3).contiguous().float()                # [C, T, H, W], 0..255
+        x = x.div_(255.0).sub_(self.mean).div_(self.std)              # [0, 1], then normalised
         return self.augment.erase_frames(x, seed) if seed is not None else x
 
     def _fit_channels(self, x: Tensor) -> Tensor:
+        """[T, C, H, W] decoded channels -> the tokenizer's (gray repeated, or RGB to luma as float)."""
         have = x.shape[1]
         if have == self.channels:
             return x
         if have == 1:
             return x.expand(-1, self.channels, -1, -1)
         if have == 3 and self.channels == 1:
-            return (x * torch.tensor(LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
+            return (x.float() * torch.tensor(LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
         raise ValueError(f"video has {have} channels, the tokenizer expects {self.channels}")
 
 
@@ -366,6 +386,11 @@ class VideoFileDataset(MultiViewTesting, Dataset):
         self._cache: dict[str, Tensor] = {}
         self._sizes: dict[str, tuple[int, int]] = {}
 
+    @classmethod
+    def item_repeats(cls, options: VideoAugmentOptions) -> int:
+        """Repeated sampling: `repeats` clips per decoded training video."""
+        return options.repeats
+
     # --- fine-tuning and multi-view testing --------------------------------------------------------------
 
     def use_finetune_augment(self, rand_augment: str | None, random_erasing: float) -> None:
@@ -405,21 +430,30 @@ class VideoFileDataset(MultiViewTesting, Dataset):
         except UnreadableVideo as err:
             raise UnreadableVideo(f"{self.items[item][0]}: {err}") from err
 
-    def _frames(self, item: int, view: int, views: int, generator: torch.Generator | None) -> Tensor:
-        """uint8 [T, h, w, C]: the training clip, or evaluation clip `view` of `views` spread over the video."""
+    def _frames(self, item: int, view: int, views: int, generator: torch.Generator | None,
+                repeats: int = 1) -> Tensor:
+        """uint8 [T, h, w, C]: the training clip, or evaluation clip `view` of `views` spread over the video;
+        with `repeats` k, [k·T, h, w, C]: k training clips with their own starts, from one decode."""
         path = self.items[item][0]
         _, frames_per_clip, _, _ = self.input_shape
         o = self.options
 
         def pick(length: int) -> list[int]:
-            return clip_indices(length, frames_per_clip, o.sampling_rate, train=self.train, generator=generator,
-                                view=view, views=views)
+            return [i for _ in range(repeats) for i in clip_indices(
+                length, frames_per_clip, o.sampling_rate, train=self.train, generator=generator, view=view,
+                views=views)]
 
         return self._read_cached(path, pick) if o.cache else self._read(path, pick)
 
     def _clip(self, item: int, view: int, seed: int) -> Tensor:
+        """[C, T, H, W]; in training with `repeats` k > 1, [k, C, T, H, W]: k clips of one decode, their starts
+        drawn first, then each clip's crop and flip, all from the item's seed (k = 1 draws as before)."""
         generator = torch.Generator().manual_seed(seed) if self.train else None
-        return self.transform(self._frames(item, view, self.options.clips_per_video, generator), generator)
+        k, frames_per_clip = self.repeats, self.input_shape[1]
+        frames = self._frames(item, view, self.options.clips_per_video, generator, k)
+        if k == 1:
+            return self.transform(frames, generator)
+        return torch.stack([self.transform(clip, generator) for clip in frames.split(frames_per_clip)])
 
     def _test_views(self, item: int) -> Tensor:
         """[test_clips · test_crops, C, T, H, W], clip-major: clip 0 crops 0..S-1, clip 1 ..."""
@@ -435,7 +469,8 @@ class VideoFileDataset(MultiViewTesting, Dataset):
     def _reader(self, path: str):
         """(decord reader, frame count), decoding at the short side when one is set: decord resizes while
         decoding, far cheaper than resizing full frames afterwards. The native size is probed once per
-        file (first frame) and remembered."""
+        file (first frame) and remembered. `decoder: torchcodec` returns a `TorchcodecReader` (the same
+        interface) at the native size."""
         try:
             import decord
         except ImportError as err:  # decord ships wheels for x86_64 only
@@ -445,16 +480,26 @@ class VideoFileDataset(MultiViewTesting, Dataset):
         if os.path.getsize(path) == 0:
             raise UnreadableVideo("empty file")
         threads, short = self.options.decode_threads, self.options.short_side
+        if self.options.decoder == "torchcodec":  # native size; ClipTransform.pre_resize scales to short_side
+            try:
+                reader = TorchcodecReader(path, threads)
+            except Exception as err:  # torchcodec raises RuntimeError/ValueError for what it cannot parse
+                raise UnreadableVideo(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+            if len(reader) <= 0:
+                raise UnreadableVideo("no frames")
+            return reader, len(reader)
         try:
-            size = {}
+            size, probe = {}, None
             if short is not None:
                 native = self._sizes.get(path)
                 if native is None:
-                    native = self._sizes[path] = tuple(decord.VideoReader(path, num_threads=threads)[0].shape[:2])
+                    probe = decord.VideoReader(path, num_threads=threads)
+                    native = self._sizes[path] = tuple(probe[0].shape[:2])
                 height, width = short_side_size(*native, short)
                 if (height, width) != native:
                     size = {"height": height, "width": width}
-            reader = decord.VideoReader(path, num_threads=threads, ctx=decord.cpu(0), **size)
+            reader = (probe if probe is not None and not size  # already at the size wanted: no second open
+                      else decord.VideoReader(path, num_threads=threads, ctx=decord.cpu(0), **size))
             length = len(reader)
         except Exception as err:  # decord raises RuntimeError/DECORDError for anything it cannot parse
             raise UnreadableVideo(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err

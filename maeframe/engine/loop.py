@@ -67,11 +67,12 @@ class SampleCount:
         self.limit = max_bad_fraction
         self.seen = self.bad = 0
 
-    def add(self, batch_size: int, failed: Tensor) -> None:
-        """batch_size delivered samples, failed [B] reads skipped before each of them."""
+    def add(self, items: int, failed: Tensor) -> None:
+        """`items` delivered dataset items (reads; k samples each under repeated sampling), failed [items]
+        reads skipped before each of them."""
         bad = int(failed.sum())
         self.bad += bad
-        self.seen += batch_size + bad
+        self.seen += items + bad
         if self.bad > self.limit * self.seen:
             raise MaeframeError(f"{self.bad} of {self.seen} sample reads failed (more than "
                                 f"data.max_bad_fraction={self.limit}); see the warnings for their paths")
@@ -119,7 +120,8 @@ class Trainer:
         self.dataset = self.build_train_set()
         data, optim = recipe.data, recipe.optim
         self.sampler = ResumableBatchSampler(len(self.dataset), data.batch_size, recipe.seed, self.world.rank,
-                                             self.world.world_size, batches_multiple=optim.accum_steps)
+                                             self.world.world_size, batches_multiple=optim.accum_steps,
+                                             repeats=self.dataset.repeats)
         self.loader = make_loader(self.dataset, data, self.sampler, pin_memory=self.device.type == "cuda")
         self.steps_per_epoch = self.sampler.batches_per_epoch // optim.accum_steps
         self.total_steps = optim.epochs * self.steps_per_epoch
@@ -231,7 +233,7 @@ class Trainer:
         """The next micro-batch (inputs, labels) on the device, after the dataset's `device_transform` if it
         has one; counts unreadable samples the loader skipped and stops above the limit."""
         inputs, labels, failed = next(batches)
-        self.samples.add(len(inputs), failed)
+        self.samples.add(len(failed), failed)
         inputs = inputs.to(self.device, non_blocking=True)
         labels = torch.as_tensor(labels).to(self.device, non_blocking=True)
         transform = self.dataset.device_transform
@@ -340,6 +342,7 @@ class Trainer:
             "python": platform.python_version(), "device": device_name(self.device),
             "precision": self.runtime.precision, "task": self.recipe.task, "strategy": self.recipe.runtime.strategy,
             "world_size": self.world_size, "effective_batch": self.effective_batch, "peak_lr": self.lr,
-            "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps, **self.run_facts(),
+            "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+            "repeats": self.dataset.repeats, **self.run_facts(),
         }
         self.run_dir.write_text("run.json", json.dumps(facts, indent=2) + "\n")
