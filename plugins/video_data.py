@@ -296,10 +296,19 @@ class ClipTransform:
         return _resize(frames, short_side_size(*frames.shape[-2:], short))
 
     def __call__(self, frames: Tensor, generator: torch.Generator | None = None, crop: int = 0,
-                 crops: int = 1) -> Tensor:
-        """uint8 [T, h, w, C] -> [C, T, H, W]; evaluation takes spatial view `crop` of `crops`."""
-        x = self.pre_resize(frames.permute(0, 3, 1, 2))               # uint8 [T, C, h, w], channels last
-        h, w = x.shape[-2:]
+                 crops: int = 1, index: list[int] | None = None, out: Tensor | None = None) -> Tensor:
+        """uint8 [N, h, w, C] -> [C, T, H, W]: the clip is frames `index` (default: all N = T), taken after
+        cropping so only the crop is copied; evaluation takes spatial view `crop` of `crops`. The result is
+        written into `out` ([C, T, H, W] float) when given, e.g. a row of a stack of clips."""
+        frames = self.pre_resize(frames.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)      # uint8 [N, h, w, C]
+        h, w = frames.shape[1:3]
+        rows = None if index is None or index == list(range(len(frames))) else torch.tensor(index)
+
+        def clip(top: int, left: int, height: int, width: int) -> Tensor:
+            """The clip's frames cut to a box: uint8 [T, C, height, width] (channels last: copies rows only)."""
+            region = frames[:, top:top + height, left:left + width]
+            return (region if rows is None else region.index_select(0, rows)).permute(0, 3, 1, 2)
+
         seed = None
         if self.train:
             o = self.options
@@ -308,7 +317,7 @@ class ClipTransform:
             else:
                 top, left, ch, cw = multiscale_crop_box(h, w, self.out_size, o.crop_scales, o.max_distort,
                                                         o.fixed_crop_offsets, generator)
-            x = _resize(x[..., top:top + ch, left:left + cw], self.out_size)
+            x = _resize(clip(top, left, ch, cw), self.out_size)
             if o.hflip and float(torch.rand(1, generator=generator)) < 0.5:
                 x = x.flip(-1)
             if self.augment is not None:
@@ -316,15 +325,20 @@ class ClipTransform:
                 x = self.augment.frames(x.float(), seed)
         else:
             (out_h, out_w), scale = self.out_size, max(self.out_size[0] / h, self.out_size[1] / w)
-            if scale > 1:   # smaller than the crop: enlarge just enough to cover it
+            if scale > 1:   # smaller than the crop: enlarge just enough to cover it, then crop
+                x = clip(0, 0, h, w)
                 h, w = max(out_h, math.ceil(h * scale - 1e-6)), max(out_w, math.ceil(w * scale - 1e-6))
-                x = _resize(x, (h, w))
-            top, left = eval_crop_corner(h, w, self.out_size, crop, crops)
-            x = x[..., top:top + out_h, left:left + out_w]
-        x = self._fit_channels(x)
-        x = x.permute(1, 0, 2, 3).contiguous().float()                # [C, T, H, W], 0..255
-        x = x.div_(255.0).sub_(self.mean).div_(self.std)              # [0, 1], then normalised
-        return self.augment.erase_frames(x, seed) if seed is not None else x
+                top, left = eval_crop_corner(h, w, self.out_size, crop, crops)
+                x = _resize(x, (h, w))[..., top:top + out_h, left:left + out_w]
+            else:
+                x = clip(*eval_crop_corner(h, w, self.out_size, crop, crops), out_h, out_w)
+        x = self._fit_channels(x)                                     # [T, C, H, W], 0..255
+        out = torch.empty(x.shape[1], x.shape[0], *x.shape[2:]) if out is None else out
+        out.copy_(x.permute(1, 0, 2, 3))                              # [C, T, H, W] float, one pass
+        out.div_(255.0).sub_(self.mean).div_(self.std)                # [0, 1], then normalised
+        if seed is not None:
+            out.copy_(self.augment.erase_frames(out, seed))
+        return out
 
     def _fit_channels(self, x: Tensor) -> Tensor:
         """[T, C, H, W] decoded channels -> the tokenizer's (gray repeated, or RGB to luma as float)."""
@@ -431,9 +445,10 @@ class VideoFileDataset(MultiViewTesting, Dataset):
             raise UnreadableVideo(f"{self.items[item][0]}: {err}") from err
 
     def _frames(self, item: int, view: int, views: int, generator: torch.Generator | None,
-                repeats: int = 1) -> Tensor:
-        """uint8 [T, h, w, C]: the training clip, or evaluation clip `view` of `views` spread over the video;
-        with `repeats` k, [k·T, h, w, C]: k training clips with their own starts, from one decode."""
+                repeats: int = 1) -> tuple[Tensor, list[int]]:
+        """(uint8 frames [U, h, w, C] at the short side, decoded once; rows): frames `rows` are the training
+        clip, or evaluation clip `view` of `views` spread over the video; with `repeats` k, k·T rows: k
+        training clips with their own starts (their frames decoded once)."""
         path = self.items[item][0]
         _, frames_per_clip, _, _ = self.input_shape
         o = self.options
@@ -443,26 +458,34 @@ class VideoFileDataset(MultiViewTesting, Dataset):
                 length, frames_per_clip, o.sampling_rate, train=self.train, generator=generator, view=view,
                 views=views)]
 
-        return self._read_cached(path, pick) if o.cache else self._read(path, pick)
+        if o.cache:
+            video = self._read_cached(path)
+            return video, pick(video.shape[0])
+        frames, rows = self._read(path, pick)
+        return self.transform.pre_resize(frames.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), rows
 
     def _clip(self, item: int, view: int, seed: int) -> Tensor:
         """[C, T, H, W]; in training with `repeats` k > 1, [k, C, T, H, W]: k clips of one decode, their starts
         drawn first, then each clip's crop and flip, all from the item's seed (k = 1 draws as before)."""
         generator = torch.Generator().manual_seed(seed) if self.train else None
         k, frames_per_clip = self.repeats, self.input_shape[1]
-        frames = self._frames(item, view, self.options.clips_per_video, generator, k)
+        frames, rows = self._frames(item, view, self.options.clips_per_video, generator, k)
         if k == 1:
-            return self.transform(frames, generator)
-        return torch.stack([self.transform(clip, generator) for clip in frames.split(frames_per_clip)])
+            return self.transform(frames, generator, index=rows)
+        clips = torch.empty(k, *self.input_shape)
+        for j in range(k):
+            self.transform(frames, generator, index=rows[j * frames_per_clip:(j + 1) * frames_per_clip], out=clips[j])
+        return clips
 
     def _test_views(self, item: int) -> Tensor:
         """[test_clips · test_crops, C, T, H, W], clip-major: clip 0 crops 0..S-1, clip 1 ..."""
         o = self.options
-        views = []
+        views = torch.empty(o.test_clips * o.test_crops, *self.input_shape)
         for clip in range(o.test_clips):
-            frames = self._frames(item, clip, o.test_clips, None)
-            views += [self.transform(frames, None, crop, o.test_crops) for crop in range(o.test_crops)]
-        return torch.stack(views)
+            frames, rows = self._frames(item, clip, o.test_clips, None)
+            for crop in range(o.test_crops):
+                self.transform(frames, None, crop, o.test_crops, index=rows, out=views[clip * o.test_crops + crop])
+        return views
 
     # --- decoding ----------------------------------------------------------------------------------------
 
@@ -507,8 +530,9 @@ class VideoFileDataset(MultiViewTesting, Dataset):
             raise UnreadableVideo("no frames")
         return reader, length
 
-    def _read(self, path: str, pick) -> Tensor:
-        """Decode only the clip's frames: uint8 [T, h, w, C]."""
+    def _read(self, path: str, pick) -> tuple[Tensor, list[int]]:
+        """Decode only the frames `pick(length)` names, each once: (uint8 [U, h, w, C] in frame order, the row
+        of each picked index)."""
         reader, length = self._reader(path)
         indices = pick(length)
         unique = sorted(set(indices))
@@ -519,10 +543,10 @@ class VideoFileDataset(MultiViewTesting, Dataset):
         if frames.ndim != 4 or frames.shape[0] != len(unique) or frames.size == 0:
             raise UnreadableVideo(f"decoder returned frames of shape {frames.shape}")
         position = {frame: k for k, frame in enumerate(unique)}
-        return torch.from_numpy(np.ascontiguousarray(frames[[position[i] for i in indices]]))
+        return torch.from_numpy(np.ascontiguousarray(frames)), [position[i] for i in indices]
 
-    def _read_cached(self, path: str, pick) -> Tensor:
-        """The whole video decoded once (at the short side) and kept; the clip is indexed from it."""
+    def _read_cached(self, path: str) -> Tensor:
+        """The whole video decoded once, at the short side, and kept: uint8 [L, h, w, C]."""
         video = self._cache.get(path)
         if video is None:
             reader, length = self._reader(path)
@@ -536,8 +560,9 @@ class VideoFileDataset(MultiViewTesting, Dataset):
                 raise UnreadableVideo(f"decoding failed: {type(err).__name__}: {err}") from err
             if not frames:
                 raise UnreadableVideo("no frames decoded")
-            video = self._cache[path] = torch.stack(frames)
-        return video[pick(video.shape[0])]
+            video = torch.stack(frames)
+            video = self._cache[path] = self.transform.pre_resize(video.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return video
 
     def denormalize(self, batch: Tensor) -> Tensor:
         """[B, C, T, H, W] normalised -> [0, 1]."""
