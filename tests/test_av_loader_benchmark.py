@@ -61,6 +61,6 @@ def test_the_benchmark_runs_on_small_real_clips(tmp_path):
         assert report["video_output_difference"][clips]["mean_grey_levels"] < 0.5
         assert report["summary"][f"video/{clips}"]["0"]["maeframe-decord-k1"]["per_core_vs_official"] > 0
     audio = report["results"]["audio"]["0"]
-    assert set(audio) == {"official-audiomae", "maeframe-nocache-k1", "maeframe-cold-k1", "maeframe-warm-k1",
+    assert set(audio) == {"official-audiomae", "official-audiomae-soundfile", "maeframe-nocache-k1", "maeframe-cold-k1", "maeframe-warm-k1",
                           "maeframe-warm-k4"}
     assert {tuple(r["batch"]["shape"]) for r in audio.values()} == {(4, 1, 1024, 128)}
