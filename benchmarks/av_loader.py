@@ -18,8 +18,11 @@ it is the per-core figure that does not depend on other jobs on the machine. Res
 with the machine (lscpu model, cores, load average) and versions.
 
     python benchmarks/av_loader.py [--data runs/av-bench-data] [--workers 0 1 2] [--batches 6] [--warmup 1]
-        [--video-batch 8] [--audio-batch 16] [--repeats 1 2 4] [--decoders decord torchcodec]
+        [--rounds 3] [--video-batch 8] [--audio-batch 16] [--repeats 1 2 4] [--decoders decord torchcodec]
         [--only video|audio] [--out benchmarks/results/cpu-av-loader.json]
+
+Every case is measured `--rounds` times, the rounds interleaved over all cases so that a busy spell of a
+shared machine hits every loader; the report keeps each round and uses the median (by clips per CPU-second).
 """
 from __future__ import annotations
 
@@ -76,6 +79,14 @@ def measure(loader, batches: int, warmup: int) -> dict:
     return {"clips": clips, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "clips_per_s": round(clips / wall, 2),
             "cpu_s_per_clip": round(cpu / clips, 4), "clips_per_cpu_s": round(clips / cpu, 2),
             "batch": {"shape": shape[0], "dtype": shape[1], "mean": shape[2], "std": shape[3]}}
+
+
+def median_of(runs: list[dict]) -> dict:
+    """The median round of a case (by clips per CPU-second), with every round's figures kept."""
+    ordered = sorted(runs, key=lambda r: r["clips_per_cpu_s"])
+    median = dict(ordered[len(ordered) // 2])
+    median["rounds"] = {key: [r[key] for r in runs] for key in ("clips_per_s", "cpu_s_per_clip", "clips_per_cpu_s")}
+    return median
 
 
 def official_loader(dataset, batch_size: int, workers: int):
@@ -206,6 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--fmnist-clips", type=int, default=12, help="moving Fashion-MNIST videos")
     parser.add_argument("--fmnist-frames", type=int, default=300, help="frames per moving Fashion-MNIST video")
     parser.add_argument("--recordings", type=int, default=160, help="10-second recordings")
+    parser.add_argument("--rounds", type=int, default=3, help="measurements per case, interleaved; medians reported")
     parser.add_argument("--out", help="JSON report (default: print only)")
     args = parser.parse_args(argv)
     if args.only != "video" and args.recordings < (args.batches + args.warmup) * args.audio_batch:
@@ -216,31 +228,31 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     data = Path(args.data)
     load = os.getloadavg()
-    results: dict = {}
     started = time.time()
+    plans, difference, audio_reader = [], None, None   # (modality, cases, batch size) to time, in that order
     if args.only != "audio":
         lists = make_videos(data, args.fmnist_clips, args.fmnist_frames, ITEMS)
         difference = {clips: output_difference(listing) for clips, listing in lists.items()}
-        for clips, listing in lists.items():
-            for workers in args.workers:
-                for name, build in video_cases(listing, args.decoders, args.repeats):
-                    r = results.setdefault(f"video/{clips}", {}).setdefault(str(workers), {})[name] = measure(
-                        build(args.video_batch, workers), args.batches, args.warmup)
-                    print(f"video/{clips:13s} W={workers} {name:24s} {r['clips_per_s']:8.2f} clips/s  "
-                          f"{r['cpu_s_per_clip'] * 1000:7.1f} ms CPU/clip  {r['clips_per_cpu_s']:6.2f} clips/CPU-s",
-                          flush=True)
+        plans += [(f"video/{clips}", lambda listing=listing: video_cases(listing, args.decoders, args.repeats),
+                   args.video_batch) for clips, listing in lists.items()]
+    caches = tempfile.TemporaryDirectory()
     if args.only != "video":
         items = make_recordings(data, args.recordings)
         audio_reader = load_waveform(items[0][0])[2]
-        with tempfile.TemporaryDirectory() as caches:
+        plans.append(("audio", lambda: audio_cases(items, data / "audio", Path(caches.name)), args.audio_batch))
+    rounds: dict = {}
+    for round_ in range(args.rounds):          # interleaved, so a slower spell of the machine hits every loader
+        for modality, cases, batch_size in plans:
             for workers in args.workers:
-                for name, build in audio_cases(items, data / "audio", Path(caches)):
-                    r = results.setdefault("audio", {}).setdefault(str(workers), {})[name] = measure(
-                        build(args.audio_batch, workers), args.batches, args.warmup)
-                    print(f"audio/klettres-10s  W={workers} {name:24s} {r['clips_per_s']:8.2f} clips/s  "
-                          f"{r['cpu_s_per_clip'] * 1000:7.1f} ms CPU/clip  {r['clips_per_cpu_s']:6.2f} clips/CPU-s",
+                for name, build in cases():
+                    r = measure(build(batch_size, workers), args.batches, args.warmup)
+                    rounds.setdefault(modality, {}).setdefault(str(workers), {}).setdefault(name, []).append(r)
+                    print(f"{modality:19s} round {round_} W={workers} {name:28s} {r['clips_per_s']:8.2f} clips/s  "
+                          f"{r['cpu_s_per_clip'] * 1000:7.1f} ms CPU/clip  {r['clips_per_cpu_s']:7.2f} clips/CPU-s",
                           flush=True)
-    audio_reader, difference = locals().get("audio_reader"), locals().get("difference")
+    caches.cleanup()
+    results = {m: {w: {name: median_of(runs) for name, runs in cases.items()} for w, cases in per_w.items()}
+               for m, per_w in rounds.items()}
     report = {
         "command": " ".join(["python", "benchmarks/av_loader.py", *(argv if argv is not None else sys.argv[1:])]),
         "commit": _git_commit(), "machine": machine(), "versions": versions(),

@@ -48,7 +48,7 @@ def test_the_benchmark_runs_on_small_real_clips(tmp_path):
     decoders = ["decord"] + (["torchcodec"] if torchcodec_problem() is None else [])
     out = tmp_path / "report.json"
     report = av_loader.main(["--data", str(tmp_path / "data"), "--workers", "0", "--batches", "1", "--warmup", "0",
-                             "--video-batch", "4", "--audio-batch", "4", "--repeats", "1", "2", "--decoders",
+                             "--rounds", "1", "--video-batch", "4", "--audio-batch", "4", "--repeats", "1", "2", "--decoders",
                              *decoders, "--fmnist-clips", "2", "--fmnist-frames", "80", "--recordings", "4",
                              "--out", str(out)])
     assert json.loads(out.read_text())["summary"] == report["summary"]
