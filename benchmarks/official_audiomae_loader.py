@@ -80,7 +80,8 @@ class OfficialAudioMAEPretrainData(torch.utils.data.Dataset):
         features = self.fbank(path)
         target = torch.zeros(self.num_classes)
         target[label] = 1.0
-        freq_mask, time_mask = torchaudio.transforms.FrequencyMasking(self.freqm), torchaudio.transforms.TimeMasking(self.timem)
+        freq_mask = torchaudio.transforms.FrequencyMasking(self.freqm)   # built on every read, as the official code
+        time_mask = torchaudio.transforms.TimeMasking(self.timem)
         features = features.transpose(0, 1).unsqueeze(0)                           # [1, F, T]
         if self.freqm:
             features = freq_mask(features)

@@ -96,7 +96,8 @@ def _check_repeats(recipe: AnyRecipe, options: dict, get) -> None:
     repeats = get("dataset", recipe.data.train).item_repeats(options["data.train"])
     if recipe.task == "knn" and repeats > 1:
         raise RecipeError([("data.train.options.repeats", "a knn run embeds each training item once, without "
-                                                          "augmentation; repeated sampling would do nothing (remove it)")])
+                                                          "augmentation; repeated sampling would do nothing "
+                                                          "(remove it)")])
     if recipe.data.batch_size % repeats:
         raise RecipeError([("data.batch_size", f"{recipe.data.batch_size} is not a multiple of "
                                                f"data.train.options.repeats {repeats}: a batch holds whole items of "

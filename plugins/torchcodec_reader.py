@@ -27,7 +27,8 @@ def torchcodec_problem() -> str | None:
     except ImportError as err:
         return f"torchcodec is not installed ({err}): pip install 'maeframe[{EXTRA}]'"
     except Exception as err:  # a broken install: say what it raised
-        return f"torchcodec failed to import ({type(err).__name__}: {err}); reinstall it: pip install 'maeframe[{EXTRA}]'"
+        return (f"torchcodec failed to import ({type(err).__name__}: {err}); reinstall it: "
+                f"pip install 'maeframe[{EXTRA}]'")
     if torchcodec.ffmpeg_major_version is None:
         return (f"torchcodec {torchcodec.__version__} found no FFmpeg libraries (it needs FFmpeg 4 to 8, "
                 f"e.g. apt-get install ffmpeg); see pip install 'maeframe[{EXTRA}]'")

@@ -2,7 +2,9 @@
 labelled synthetic "moving Fashion-MNIST" built from the real Fashion-MNIST images.
 
 Every dataset yields (clip [C, T, H, W] float, label int) at the tokenizer's input shape (C, T, H, W).
-File-backed datasets decode with decord inside `__getitem__`, i.e. in the DataLoader worker processes.
+File-backed datasets decode with decord (or, `decoder: torchcodec`, with torchcodec: torchcodec_reader.py)
+inside `__getitem__`, i.e. in the DataLoader worker processes. With `repeats` k > 1 a training item is
+[k, C, T, H, W]: k clips with their own starts, crops and flips from one decode (repeated sampling).
 
 Temporal sampling (`clip_indices`): a clip is T frames `sampling_rate` apart, spanning (T-1)·rate + 1
 frames. Training draws the start uniformly among the positions where the span fits; evaluation takes

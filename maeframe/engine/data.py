@@ -97,7 +97,9 @@ class SeededDataset(Dataset):
             candidate = (index + skipped) % len(self.dataset)
             try:
                 with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
+                    # the CPU generator only: torch.manual_seed would also queue lazy CUDA/XPU/MTIA seeding,
+                    # recording a stack trace each time (about 1 ms per sample); the CPU stream is the same
+                    torch.default_generator.manual_seed(seed)
                     sample, label = self.dataset[candidate]
                 return sample, label, skipped
             except Exception as err:  # any failure of one sample is that sample's problem
