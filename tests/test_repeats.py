@@ -72,6 +72,8 @@ def test_recipe_mistakes_about_repeats_name_the_field(capsys):
         prepare(VIDEO, [*base, "data.batch_size=6", eval_repeats])
     with pytest.raises(RecipeError, match=r"data\.train\.options\.repeats: Input should be greater than or equal"):
         prepare(VIDEO, [*TINY_VIDEO, video_train(0)])
+    with pytest.raises(RecipeError, match=r"data\.train\.options\.repeats: a knn run embeds each training item once"):
+        prepare(RECIPES / "knn_audio_klettres.yaml", ["data.train.options.repeats=2"])
 
 
 # --- the datasets ------------------------------------------------------------------------------------------

@@ -68,8 +68,12 @@ class FinetuneAugment(Dataset):
     carry `mean` and `std` (the built-in fashion_mnist and image_folder do)."""
 
     device_transform = None  # as `maeframe.Dataset`: samples are ready as loaded
+    repeats = 1              # as `maeframe.Dataset`: one augmented image per item
 
     def __init__(self, dataset: Dataset, config: AugmentConfig):
+        if dataset.repeats != 1:
+            raise ValueError(f"augment.rand_augment / augment.random_erasing augment single images; "
+                             f"{type(dataset).__name__} gives {dataset.repeats} samples per item (set repeats: 1)")
         self.dataset = dataset
         self.classes = getattr(dataset, "classes", None)
         shape = tuple(getattr(dataset, "input_shape", ()))
