@@ -1,6 +1,6 @@
 """torchcodec as the video datasets' second decoder (`decoder: torchcodec`, an optional dependency:
-`pip install 'maeframe[video-torchcodec]'`, which also needs FFmpeg's shared libraries, 4 to 8, e.g.
-`apt-get install ffmpeg`).
+`pip install 'maeframe[video-torchcodec]'`, which also needs FFmpeg's shared libraries in a version torchcodec
+supports, e.g. `apt-get install ffmpeg`: Debian 12's FFmpeg 5.1 works with torchcodec 0.17).
 
 `TorchcodecReader` offers the part of `decord.VideoReader` that `VideoFileDataset` uses — `len(reader)`,
 `reader.get_batch(indices).asnumpy()` and `reader.next().asnumpy()` — so both decoders go through the same
@@ -30,8 +30,8 @@ def torchcodec_problem() -> str | None:
         return (f"torchcodec failed to import ({type(err).__name__}: {err}); reinstall it: "
                 f"pip install 'maeframe[{EXTRA}]'")
     if torchcodec.ffmpeg_major_version is None:
-        return (f"torchcodec {torchcodec.__version__} found no FFmpeg libraries (it needs FFmpeg 4 to 8, "
-                f"e.g. apt-get install ffmpeg); see pip install 'maeframe[{EXTRA}]'")
+        return (f"torchcodec {torchcodec.__version__} found no FFmpeg libraries it supports (install "
+                f"FFmpeg's shared libraries, e.g. apt-get install ffmpeg); see pip install 'maeframe[{EXTRA}]'")
     return None
 
 
