@@ -3,10 +3,13 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # torch is pinned here (not in pyproject) to the build these machines serve locally; pyproject accepts >=2.4.
-# torchaudio 2.11 declares no torch pin and runs beside torch 2.14 (fbank, MelSpectrogram).
-TORCH := torch==2.14.1 torchvision==0.29.1 torchaudio==2.11.0
+# torchaudio 2.11 declares no torch pin and runs beside torch 2.14 (fbank, MelSpectrogram); so does torchcodec
+# 0.17 (decodes the test clips, tests/test_video_decoders.py), which each torch release pairs with its own.
+TORCH := torch==2.14.1 torchvision==0.29.1 torchaudio==2.11.0 torchcodec==0.17.0
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 KLETTRES := /usr/share/klettres/en/alpha
+# FFmpeg's libraries (torchcodec, the second video decoder) and its CLI (writes the video benchmark's clips).
+FFMPEG := /usr/bin/ffmpeg
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install data demo test bench clean
@@ -20,12 +23,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-# Real offline data from Debian: Fashion-MNIST images and spoken-letter recordings (klettres).
-data: $(FASHION_MNIST) $(KLETTRES)
+# Real offline data from Debian: Fashion-MNIST images and spoken-letter recordings (klettres); FFmpeg.
+data: $(FASHION_MNIST) $(KLETTRES) $(FFMPEG)
 
 $(FASHION_MNIST) $(KLETTRES):
 	$(SUDO) apt-get update -qq
 	$(SUDO) apt-get install -y -qq dataset-fashion-mnist klettres-data
+
+$(FFMPEG):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq --no-install-recommends ffmpeg
 
 demo: install data
 	rm -rf runs/quickstart

@@ -113,6 +113,7 @@ def prepare(recipe: AnyRecipe | str | Path, overrides: list[str] = ()) -> Prepar
 def _prepare(recipe: AnyRecipe, pm: pluggy.PluginManager, registry: Registry) -> Prepared:
     options = resolve_options(recipe, registry)
     get = lambda kind, ref: registry.get(kind, ref.name).cls  # noqa: E731
+    _check_repeats(recipe, options, get)
     tokenizer = _construct("tokenizer", get("tokenizer", recipe.tokenizer), options["tokenizer"])
     if recipe.task != "pretrain":
         # finetune / linprobe / knn need the tokenizer and the weights' reader; `validate_recipe` hooks
@@ -139,6 +140,23 @@ def _prepare(recipe: AnyRecipe, pm: pluggy.PluginManager, registry: Registry) ->
               for i, (label, ref) in enumerate(zip(labels, recipe.losses))]
     _run_validate_hook(pm, recipe)
     return Prepared(recipe, pm, registry, Components(tokenizer, masker, target, losses))
+
+
+def _check_repeats(recipe: AnyRecipe, options: dict, get) -> None:
+    """Repeated sampling (`Dataset.item_repeats`): a training batch holds whole items of k samples, and
+    evaluation data is never repeated (it would silently do nothing)."""
+    repeats = get("dataset", recipe.data.train).item_repeats(options["data.train"])
+    if recipe.task == "knn" and repeats > 1:
+        raise RecipeError([("data.train.options.repeats", "a knn run embeds each training item once, without "
+                                                          "augmentation; repeated sampling would do nothing "
+                                                          "(remove it)")])
+    if recipe.data.batch_size % repeats:
+        raise RecipeError([("data.batch_size", f"{recipe.data.batch_size} is not a multiple of "
+                                               f"data.train.options.repeats {repeats}: a batch holds whole items of "
+                                               f"{repeats} samples (one read each)")])
+    if recipe.data.eval is not None and get("dataset", recipe.data.eval).item_repeats(options["data.eval"]) > 1:
+        raise RecipeError([("data.eval.options.repeats", "repeated sampling applies to training data only; "
+                                                         "evaluation takes one sample per item (remove it)")])
 
 
 def _run_validate_hook(pm: pluggy.PluginManager, recipe: AnyRecipe) -> None:

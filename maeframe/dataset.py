@@ -64,6 +64,22 @@ class Dataset(Component, torch.utils.data.Dataset):
         the reads that fail later) and reports them in metrics.jsonl and run.json. Default: none."""
         return []
 
+    @classmethod
+    def item_repeats(cls, options: Options) -> int:
+        """Repeated sampling (VideoMAE v2's num_sample, MAE-ST's repeated augmentation): how many samples one
+        training item holds under these options (default 1). With k > 1 an item is one read of a source (one
+        decoded video or recording) giving k independently augmented samples, all drawn from the item's seed:
+        `__getitem__` -> ([k, *input_shape], label). The engine's loader then takes data.batch_size / k items
+        per batch (validation requires data.batch_size to be a multiple of k) and flattens them into
+        data.batch_size samples, each label repeated for its k samples. A class method, so recipes are checked
+        before any data is read."""
+        return 1
+
+    @property
+    def repeats(self) -> int:
+        """Samples per item as this dataset loads them: `item_repeats(options)` for training, 1 for evaluation."""
+        return type(self).item_repeats(self.options) if self.train else 1
+
     def describe(self, index: int) -> str:
         """Where sample `index` comes from (a file path), for messages about unreadable samples."""
         return f"sample {index}"

@@ -256,6 +256,9 @@ class AudioOptions(Options):
     cache_dir: str | None = Field(None, description="folder for an on-disk fbank cache (one .npy per file, "
                                                     "keyed by path, size, mtime and fbank options)")
     limit: int | None = Field(None, gt=0, description="use only the first N recordings (quick runs)")
+    repeats: int = Field(1, ge=1, description="training: samples per decoded recording (repeated sampling): k "
+                                              "random crops / roll+gain / SpecAugment / noise draws of one fbank, "
+                                              "counted as k samples of data.batch_size (which k must divide)")
     display_range: tuple[float, float] = Field(DISPLAY_RANGE, description="log-mel values drawn as the lowest and "
                                                "highest colour in pictures (match the tokenizer's)")
 
@@ -392,15 +395,27 @@ class AudioDataset(Dataset):
     def describe(self, index: int) -> str:
         return str(self.items[index][0])
 
+    @classmethod
+    def item_repeats(cls, options: AudioOptions) -> int:
+        """Repeated sampling: `repeats` augmented samples per decoded training recording."""
+        return options.repeats
+
     def __getitem__(self, index: int) -> tuple[Tensor, int | Tensor]:
-        """([1, T, F] normalised log-mel, label). A recording that passed the header check but fails to
-        decode raises AudioError after being counted in `skipped`; the engine's loader logs it once with
-        its path, replaces it by another sample and enforces `data.max_bad_fraction`."""
+        """([1, T, F] normalised log-mel, label); in training with `repeats` k > 1, ([k, 1, T, F], label): k
+        samples of one decoded fbank, each with its own crop and augmentation draws. A recording that passed
+        the header check but fails to decode raises AudioError after being counted in `skipped`; the
+        engine's loader logs it once with its path, replaces it by another sample and enforces
+        `data.max_bad_fraction`."""
         try:
             features = self.features(index)
         except AudioError:
             self.skipped.append(self.items[index][0])
             raise
+        samples = [self._sample(features) for _ in range(self.repeats)]
+        return (samples[0] if len(samples) == 1 else torch.stack(samples)), self.items[index][1]
+
+    def _sample(self, features: Tensor) -> Tensor:
+        """Full-length fbank [frames, F] -> one [1, T, F] sample: augment, crop or pad, SpecAugment, normalise."""
         if self.train and self.options.roll_gain:
             features = self._augment(features)
         features = fit_length(features, self.target_length, self.train, self.pad_value)
@@ -410,7 +425,7 @@ class AudioDataset(Dataset):
         if self.train and self.options.noise:
             features = features + torch.rand_like(features) * torch.rand(()) / 10
             features = torch.roll(features, int(torch.randint(-10, 10, ())), dims=0)
-        return features[None].float(), self.items[index][1]
+        return features[None].float()
 
     def denormalize(self, batch: Tensor) -> Tensor:
         """Normalised batch -> [0, 1], log-mel `display_range` mapped linearly (for pictures)."""

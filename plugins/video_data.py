@@ -2,7 +2,9 @@
 labelled synthetic "moving Fashion-MNIST" built from the real Fashion-MNIST images.
 
 Every dataset yields (clip [C, T, H, W] float, label int) at the tokenizer's input shape (C, T, H, W).
-File-backed datasets decode with decord inside `__getitem__`, i.e. in the DataLoader worker processes.
+File-backed datasets decode with decord (or, `decoder: torchcodec`, with torchcodec: torchcodec_reader.py)
+inside `__getitem__`, i.e. in the DataLoader worker processes. With `repeats` k > 1 a training item is
+[k, C, T, H, W]: k clips with their own starts, crops and flips from one decode (repeated sampling).
 
 Temporal sampling (`clip_indices`): a clip is T frames `sampling_rate` apart, spanning (T-1)·rate + 1
 frames. Training draws the start uniformly among the positions where the span fits; evaluation takes
@@ -43,7 +45,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 
@@ -52,6 +54,7 @@ from maeframe import Dataset, Options, hookimpl, python_numpy_seeded
 from .folders import OUTSIDE_CLASSES, extension_reason, log_passed_over
 from .image_augment import build_rand_augment
 from .image_data import FASHION_MNIST_ROOT, load_fashion_mnist
+from .torchcodec_reader import TorchcodecReader, torchcodec_problem
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp",
                     ".ogv")
@@ -159,7 +162,8 @@ def eval_crop_corner(height: int, width: int, out_size: tuple[int, int], crop: i
 
 
 def _resize(frames: Tensor, size: tuple[int, int]) -> Tensor:
-    """frames [T, C, h, w] float -> [T, C, *size], bilinear, antialiased when shrinking."""
+    """frames [T, C, h, w] uint8 or float -> [T, C, *size], bilinear, antialiased when shrinking (uint8 in and
+    out, rounded, runs torch's vectorised uint8 kernel: several times faster than float)."""
     if tuple(frames.shape[-2:]) == tuple(size):
         return frames
     return F.interpolate(frames, size=size, mode="bilinear", align_corners=False, antialias=True)
@@ -207,6 +211,21 @@ class VideoAugmentOptions(Options):
     cache: bool = Field(False, description="decode each video once, whole, at the short side, and keep it in "
                                            "memory (per process): only for a handful of short videos")
     limit: int | None = Field(None, gt=0, description="use only the first N videos (quick runs)")
+    decoder: Literal["decord", "torchcodec"] = Field(
+        "decord", description="video decoder: decord (default) or torchcodec (optional: pip install "
+                              "'maeframe[video-torchcodec]', plus FFmpeg's libraries); same frames at the native size")
+    repeats: int = Field(1, ge=1, description="training: clips per decoded video (repeated sampling, VideoMAE v2's "
+                                              "num_sample): k clips with their own start, crop and flip, counted as "
+                                              "k samples of data.batch_size (which k must divide); an epoch is "
+                                              "one pass over the videos, k clips each")
+
+    @field_validator("decoder")
+    @classmethod
+    def _decoder_available(cls, decoder: str) -> str:
+        problem = torchcodec_problem() if decoder == "torchcodec" else None
+        if problem:
+            raise ValueError(problem)
+        return decoder
 
     @model_validator(mode="after")
     def _ranges(self) -> VideoAugmentOptions:
@@ -260,7 +279,10 @@ def _augment_seed(generator: torch.Generator | None) -> int:
 
 
 class ClipTransform:
-    """uint8 frames [T, h, w, C] -> normalised float clip [C, T, H, W] (training or evaluation geometry)."""
+    """uint8 frames [T, h, w, C] -> normalised float clip [C, T, H, W] (training or evaluation geometry).
+
+    Crops, resizes and flips stay in uint8 (the resize rounds, as VideoMAE's PIL pipeline does); only the
+    output-sized clip is converted to float and normalised."""
 
     def __init__(self, options: VideoAugmentOptions, input_shape: tuple[int, ...], train: bool):
         self.options, self.train = options, train
@@ -271,19 +293,26 @@ class ClipTransform:
         self.augment: ClipAugment | None = None      # set for fine-tuning (training only)
 
     def pre_resize(self, frames: Tensor) -> Tensor:
-        """[T, C, h, w] float -> short side `short_side` (no-op when null or already there)."""
+        """[T, C, h, w] -> short side `short_side` (no-op when null or already there)."""
         short = self.options.short_side
         if short is None or min(frames.shape[-2:]) == short:
             return frames
         return _resize(frames, short_side_size(*frames.shape[-2:], short))
 
     def __call__(self, frames: Tensor, generator: torch.Generator | None = None, crop: int = 0,
-                 crops: int = 1) -> Tensor:
-        """uint8 [T, h, w, C] -> [C, T, H, W]; evaluation takes spatial view `crop` of `crops`."""
-        x = frames.permute(0, 3, 1, 2).float()                        # [T, C, h, w], 0..255
-        x = self._fit_channels(x)
-        x = self.pre_resize(x)
-        h, w = x.shape[-2:]
+                 crops: int = 1, index: list[int] | None = None, out: Tensor | None = None) -> Tensor:
+        """uint8 [N, h, w, C] -> [C, T, H, W]: the clip is frames `index` (default: all N = T), taken after
+        cropping so only the crop is copied; evaluation takes spatial view `crop` of `crops`. The result is
+        written into `out` ([C, T, H, W] float) when given, e.g. a row of a stack of clips."""
+        frames = self.pre_resize(frames.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)      # uint8 [N, h, w, C]
+        h, w = frames.shape[1:3]
+        rows = None if index is None or index == list(range(len(frames))) else torch.tensor(index)
+
+        def clip(top: int, left: int, height: int, width: int) -> Tensor:
+            """The clip's frames cut to a box: uint8 [T, C, height, width] (channels last: copies rows only)."""
+            region = frames[:, top:top + height, left:left + width]
+            return (region if rows is None else region.index_select(0, rows)).permute(0, 3, 1, 2)
+
         seed = None
         if self.train:
             o = self.options
@@ -292,31 +321,38 @@ class ClipTransform:
             else:
                 top, left, ch, cw = multiscale_crop_box(h, w, self.out_size, o.crop_scales, o.max_distort,
                                                         o.fixed_crop_offsets, generator)
-            x = _resize(x[..., top:top + ch, left:left + cw], self.out_size)
+            x = _resize(clip(top, left, ch, cw), self.out_size)
             if o.hflip and float(torch.rand(1, generator=generator)) < 0.5:
                 x = x.flip(-1)
             if self.augment is not None:
                 seed = _augment_seed(generator)
-                x = self.augment.frames(x, seed)
+                x = self.augment.frames(x.float(), seed)
         else:
             (out_h, out_w), scale = self.out_size, max(self.out_size[0] / h, self.out_size[1] / w)
-            if scale > 1:   # smaller than the crop: enlarge just enough to cover it
+            if scale > 1:   # smaller than the crop: enlarge just enough to cover it, then crop
+                x = clip(0, 0, h, w)
                 h, w = max(out_h, math.ceil(h * scale - 1e-6)), max(out_w, math.ceil(w * scale - 1e-6))
-                x = _resize(x, (h, w))
-            top, left = eval_crop_corner(h, w, self.out_size, crop, crops)
-            x = x[..., top:top + out_h, left:left + out_w]
-        x = x.permute(1, 0, 2, 3).clamp(0, 255) / 255.0                # [C, T, H, W] in [0, 1]
-        x = (x - self.mean) / self.std
-        return self.augment.erase_frames(x, seed) if seed is not None else x
+                top, left = eval_crop_corner(h, w, self.out_size, crop, crops)
+                x = _resize(x, (h, w))[..., top:top + out_h, left:left + out_w]
+            else:
+                x = clip(*eval_crop_corner(h, w, self.out_size, crop, crops), out_h, out_w)
+        x = self._fit_channels(x)                                     # [T, C, H, W], 0..255
+        out = torch.empty(x.shape[1], x.shape[0], *x.shape[2:]) if out is None else out
+        out.copy_(x.permute(1, 0, 2, 3))                              # [C, T, H, W] float, one pass
+        out.div_(255.0).sub_(self.mean).div_(self.std)                # [0, 1], then normalised
+        if seed is not None:
+            out.copy_(self.augment.erase_frames(out, seed))
+        return out
 
     def _fit_channels(self, x: Tensor) -> Tensor:
+        """[T, C, H, W] decoded channels -> the tokenizer's (gray repeated, or RGB to luma as float)."""
         have = x.shape[1]
         if have == self.channels:
             return x
         if have == 1:
             return x.expand(-1, self.channels, -1, -1)
         if have == 3 and self.channels == 1:
-            return (x * torch.tensor(LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
+            return (x.float() * torch.tensor(LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
         raise ValueError(f"video has {have} channels, the tokenizer expects {self.channels}")
 
 
@@ -368,6 +404,11 @@ class VideoFileDataset(MultiViewTesting, Dataset):
         self._cache: dict[str, Tensor] = {}
         self._sizes: dict[str, tuple[int, int]] = {}
 
+    @classmethod
+    def item_repeats(cls, options: VideoAugmentOptions) -> int:
+        """Repeated sampling: `repeats` clips per decoded training video."""
+        return options.repeats
+
     # --- fine-tuning and multi-view testing --------------------------------------------------------------
 
     def use_finetune_augment(self, rand_augment: str | None, random_erasing: float) -> None:
@@ -407,37 +448,56 @@ class VideoFileDataset(MultiViewTesting, Dataset):
         except UnreadableVideo as err:
             raise UnreadableVideo(f"{self.items[item][0]}: {err}") from err
 
-    def _frames(self, item: int, view: int, views: int, generator: torch.Generator | None) -> Tensor:
-        """uint8 [T, h, w, C]: the training clip, or evaluation clip `view` of `views` spread over the video."""
+    def _frames(self, item: int, view: int, views: int, generator: torch.Generator | None,
+                repeats: int = 1) -> tuple[Tensor, list[int]]:
+        """(uint8 frames [U, h, w, C] at the short side, decoded once; rows): frames `rows` are the training
+        clip, or evaluation clip `view` of `views` spread over the video; with `repeats` k, k·T rows: k
+        training clips with their own starts (their frames decoded once)."""
         path = self.items[item][0]
         _, frames_per_clip, _, _ = self.input_shape
         o = self.options
 
         def pick(length: int) -> list[int]:
-            return clip_indices(length, frames_per_clip, o.sampling_rate, train=self.train, generator=generator,
-                                view=view, views=views)
+            return [i for _ in range(repeats) for i in clip_indices(
+                length, frames_per_clip, o.sampling_rate, train=self.train, generator=generator, view=view,
+                views=views)]
 
-        return self._read_cached(path, pick) if o.cache else self._read(path, pick)
+        if o.cache:
+            video = self._read_cached(path)
+            return video, pick(video.shape[0])
+        frames, rows = self._read(path, pick)
+        return self.transform.pre_resize(frames.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), rows
 
     def _clip(self, item: int, view: int, seed: int) -> Tensor:
+        """[C, T, H, W]; in training with `repeats` k > 1, [k, C, T, H, W]: k clips of one decode, their starts
+        drawn first, then each clip's crop and flip, all from the item's seed (k = 1 draws as before)."""
         generator = torch.Generator().manual_seed(seed) if self.train else None
-        return self.transform(self._frames(item, view, self.options.clips_per_video, generator), generator)
+        k, frames_per_clip = self.repeats, self.input_shape[1]
+        frames, rows = self._frames(item, view, self.options.clips_per_video, generator, k)
+        if k == 1:
+            return self.transform(frames, generator, index=rows)
+        clips = torch.empty(k, *self.input_shape)
+        for j in range(k):
+            self.transform(frames, generator, index=rows[j * frames_per_clip:(j + 1) * frames_per_clip], out=clips[j])
+        return clips
 
     def _test_views(self, item: int) -> Tensor:
         """[test_clips · test_crops, C, T, H, W], clip-major: clip 0 crops 0..S-1, clip 1 ..."""
         o = self.options
-        views = []
+        views = torch.empty(o.test_clips * o.test_crops, *self.input_shape)
         for clip in range(o.test_clips):
-            frames = self._frames(item, clip, o.test_clips, None)
-            views += [self.transform(frames, None, crop, o.test_crops) for crop in range(o.test_crops)]
-        return torch.stack(views)
+            frames, rows = self._frames(item, clip, o.test_clips, None)
+            for crop in range(o.test_crops):
+                self.transform(frames, None, crop, o.test_crops, index=rows, out=views[clip * o.test_crops + crop])
+        return views
 
     # --- decoding ----------------------------------------------------------------------------------------
 
     def _reader(self, path: str):
         """(decord reader, frame count), decoding at the short side when one is set: decord resizes while
         decoding, far cheaper than resizing full frames afterwards. The native size is probed once per
-        file (first frame) and remembered."""
+        file (first frame) and remembered. `decoder: torchcodec` returns a `TorchcodecReader` (the same
+        interface) at the native size."""
         try:
             import decord
         except ImportError as err:  # decord ships wheels for x86_64 only
@@ -447,16 +507,26 @@ class VideoFileDataset(MultiViewTesting, Dataset):
         if os.path.getsize(path) == 0:
             raise UnreadableVideo("empty file")
         threads, short = self.options.decode_threads, self.options.short_side
+        if self.options.decoder == "torchcodec":  # native size; ClipTransform.pre_resize scales to short_side
+            try:
+                reader = TorchcodecReader(path, threads)
+            except Exception as err:  # torchcodec raises RuntimeError/ValueError for what it cannot parse
+                raise UnreadableVideo(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+            if len(reader) <= 0:
+                raise UnreadableVideo("no frames")
+            return reader, len(reader)
         try:
-            size = {}
+            size, probe = {}, None
             if short is not None:
                 native = self._sizes.get(path)
                 if native is None:
-                    native = self._sizes[path] = tuple(decord.VideoReader(path, num_threads=threads)[0].shape[:2])
+                    probe = decord.VideoReader(path, num_threads=threads)
+                    native = self._sizes[path] = tuple(probe[0].shape[:2])
                 height, width = short_side_size(*native, short)
                 if (height, width) != native:
                     size = {"height": height, "width": width}
-            reader = decord.VideoReader(path, num_threads=threads, ctx=decord.cpu(0), **size)
+            reader = (probe if probe is not None and not size  # already at the size wanted: no second open
+                      else decord.VideoReader(path, num_threads=threads, ctx=decord.cpu(0), **size))
             length = len(reader)
         except Exception as err:  # decord raises RuntimeError/DECORDError for anything it cannot parse
             raise UnreadableVideo(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
@@ -464,8 +534,9 @@ class VideoFileDataset(MultiViewTesting, Dataset):
             raise UnreadableVideo("no frames")
         return reader, length
 
-    def _read(self, path: str, pick) -> Tensor:
-        """Decode only the clip's frames: uint8 [T, h, w, C]."""
+    def _read(self, path: str, pick) -> tuple[Tensor, list[int]]:
+        """Decode only the frames `pick(length)` names, each once: (uint8 [U, h, w, C] in frame order, the row
+        of each picked index)."""
         reader, length = self._reader(path)
         indices = pick(length)
         unique = sorted(set(indices))
@@ -476,10 +547,10 @@ class VideoFileDataset(MultiViewTesting, Dataset):
         if frames.ndim != 4 or frames.shape[0] != len(unique) or frames.size == 0:
             raise UnreadableVideo(f"decoder returned frames of shape {frames.shape}")
         position = {frame: k for k, frame in enumerate(unique)}
-        return torch.from_numpy(np.ascontiguousarray(frames[[position[i] for i in indices]]))
+        return torch.from_numpy(np.ascontiguousarray(frames)), [position[i] for i in indices]
 
-    def _read_cached(self, path: str, pick) -> Tensor:
-        """The whole video decoded once (at the short side) and kept; the clip is indexed from it."""
+    def _read_cached(self, path: str) -> Tensor:
+        """The whole video decoded once, at the short side, and kept: uint8 [L, h, w, C]."""
         video = self._cache.get(path)
         if video is None:
             reader, length = self._reader(path)
@@ -493,8 +564,9 @@ class VideoFileDataset(MultiViewTesting, Dataset):
                 raise UnreadableVideo(f"decoding failed: {type(err).__name__}: {err}") from err
             if not frames:
                 raise UnreadableVideo("no frames decoded")
-            video = self._cache[path] = torch.stack(frames)
-        return video[pick(video.shape[0])]
+            video = torch.stack(frames)
+            video = self._cache[path] = self.transform.pre_resize(video.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return video
 
     def denormalize(self, batch: Tensor) -> Tensor:
         """[B, C, T, H, W] normalised -> [0, 1]."""

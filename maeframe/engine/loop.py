@@ -81,11 +81,12 @@ class SampleCount:
             raise MaeframeError(f"{self.unreadable} of {total} files of the training set cannot be read (more than "
                                 f"data.max_bad_fraction={self.limit}); first: {unreadable[0]}")
 
-    def add(self, batch_size: int, failed: Tensor) -> None:
-        """batch_size delivered samples, failed [B] reads skipped before each of them."""
+    def add(self, items: int, failed: Tensor) -> None:
+        """`items` delivered dataset items (reads; k samples each under repeated sampling), failed [items]
+        reads skipped before each of them."""
         bad = int(failed.sum())
         self.bad += bad
-        self.seen += batch_size + bad
+        self.seen += items + bad
         reads = max(self.seen, self.epoch_reads) + self.share
         if self.bad + self.share > self.limit * reads:
             raise MaeframeError(f"{self.bad} of {self.seen} sample reads failed"
@@ -137,7 +138,8 @@ class Trainer:
         self.dataset = self.build_train_set()
         data, optim = recipe.data, recipe.optim
         self.sampler = ResumableBatchSampler(len(self.dataset), data.batch_size, recipe.seed, self.world.rank,
-                                             self.world.world_size, batches_multiple=optim.accum_steps)
+                                             self.world.world_size, batches_multiple=optim.accum_steps,
+                                             repeats=self.dataset.repeats)
         self.loader = make_loader(self.dataset, data, self.sampler, pin_memory=self.device.type == "cuda")
         self.steps_per_epoch = self.sampler.batches_per_epoch // optim.accum_steps
         self.total_steps = optim.epochs * self.steps_per_epoch
@@ -253,7 +255,7 @@ class Trainer:
         """The next micro-batch (inputs, labels) on the device, after the dataset's `device_transform` if it
         has one; counts unreadable samples the loader skipped and stops above the limit."""
         inputs, labels, failed = next(batches)
-        self.samples.add(len(inputs), failed)
+        self.samples.add(len(failed), failed)
         inputs = inputs.to(self.device, non_blocking=True)
         labels = torch.as_tensor(labels).to(self.device, non_blocking=True)
         transform = self.dataset.device_transform
@@ -380,7 +382,7 @@ class Trainer:
             "world_size": self.world_size, "effective_batch": self.effective_batch, "peak_lr": self.lr,
             "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
             "unreadable_at_build": {"count": self.samples.unreadable, "first": self.dataset.unreadable()[:20]},
-            **self.run_facts(),
+            "repeats": self.dataset.repeats, **self.run_facts(),
             **({"resumes": resumes} if resumes else {}),
             "plugins": self.prepared.provenance(),
         }
