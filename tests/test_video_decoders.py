@@ -114,9 +114,10 @@ def test_unreadable_files_are_refused_alike(tmp_path, decoder):
     good = data[5][0]
     assert good.shape == (3, 8, 64, 64)
     seeded = SeededDataset(data)
-    for index in range(5):                          # the engine's loader replaces each by the good clip
+    expected = seeded[(5, 11)][0]
+    for index in range(5):                  # the engine's loader replaces each by the good clip, drawn at random
         sample, label, failed = seeded[(index, 11)]
-        assert failed == 5 - index and sample.shape == good.shape
+        assert failed >= 1 and torch.equal(sample, expected)
 
 
 def test_the_streaming_layout_of_the_truncation_test_is_a_valid_video(tmp_path):
@@ -139,7 +140,7 @@ def test_missing_torchcodec_is_a_recipe_error_naming_the_field_and_extra(monkeyp
     import torchcodec
 
     monkeypatch.setattr(torchcodec, "ffmpeg_major_version", None)            # installed, no FFmpeg libraries
-    assert main(["validate", str(RECIPES / "video_quickstart.yaml"), "--set", overrides[0]]) == 1
+    assert main(["validate", str(RECIPES / "video_quickstart.yaml"), "--set", overrides[0]]) == 2
     assert "found no FFmpeg libraries" in capsys.readouterr().err
 
 
