@@ -84,7 +84,8 @@ def make_recordings(out: Path, count: int = 128, seconds: float = 10.0) -> list[
 def _write_recordings(folder: Path, count: int, seconds: float) -> None:
     import soundfile as sf
 
-    from maeframe_plugins.audio_data import KLETTRES_ROOT, load_audio, resample
+    from maeframe_plugins.audio_data import KLETTRES_ROOT
+    from maeframe_plugins.audio_features import load_audio, resample
 
     root = Path(KLETTRES_ROOT)
     languages = sorted(d.name for d in root.iterdir() if d.is_dir() and list(d.glob("*/*.ogg")))

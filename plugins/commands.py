@@ -53,7 +53,7 @@ def image_stats_command(args: argparse.Namespace) -> int:
 
 def audio_stats_command(args: argparse.Namespace) -> int:
     """Mean/std of the log-mel fbank over a recipe's training recordings (audio datasets only)."""
-    from .audio_data import audio_stats
+    from .audio_stats import audio_stats
 
     try:
         stats = audio_stats(args.recipe, args.overrides, limit=args.limit, write=args.write)

@@ -27,10 +27,10 @@ from maeframe.model import MaskedAutoencoder
 from maeframe.plugins import make_plugin_manager
 from maeframe.registry import Registry
 from maeframe_plugins.audio import SpectrogramOptions, SpectrogramTokenizer, griffin_lim_from_fbank
-from maeframe_plugins.audio_data import (
-    AUDIOSET_MEAN, AUDIOSET_STD, AudioCsvDataset, AudioCsvOptions, AudioError, AudioFolderDataset,
-    AudioFolderOptions, FbankConfig, KlettresDataset, KlettresOptions, audio_features, fit_length, load_audio,
-    resample)
+from maeframe_plugins.audio_data import (AudioCsvDataset, AudioCsvOptions, AudioFolderDataset, AudioFolderOptions,
+                                         KlettresDataset, KlettresOptions)
+from maeframe_plugins.audio_features import (AUDIOSET_MEAN, AUDIOSET_STD, AudioError, FbankConfig, audio_features,
+                                             fit_length, load_audio, resample)
 from maeframe.model.windowed import (WindowedAttention, WindowedBlock, make_windowed_blocks,
                                             reference_mask, window_groups)
 from maeframe_plugins.structured_masking import TimeFreqMasker, TimeFreqOptions

@@ -21,7 +21,7 @@ from maeframe.engine.checkpoint import FORMAT, atomic_save, load_checkpoint
 from maeframe.errors import RecipeError
 from maeframe.model import MaskedAutoencoder
 from maeframe.recipe import SEED_RANGE, load_recipe
-from maeframe_plugins.audio_data import AUDIO_EXTENSIONS, SOUNDFILE_SUFFIXES
+from maeframe_plugins.audio_features import AUDIO_EXTENSIONS, SOUNDFILE_SUFFIXES
 from conftest import QUICKSTART, RECIPES, ROOT, tiny
 
 AUDIO = RECIPES / "audio_klettres.yaml"
