@@ -129,7 +129,7 @@ class Registry:
         finally:
             _ACTIVE.reset(token)
 
-    def build(self, kind: str, name: str, options: dict[str, Any], *args: Any) -> Component:
+    def construct(self, kind: str, name: str, options: dict[str, Any], *args: Any) -> Component:
         """Validate `options` for component `name` and construct it with `args` (spec or tokenizer)."""
         entry = self.get(kind, name)
         self.built[(kind, name)] = None
@@ -156,4 +156,4 @@ def build_component(kind: str, name: str, options: dict[str, Any], *args: Any) -
     """Construct a registered component by name, its `options` validated (pydantic's ValidationError
     otherwise), e.g. the maskers a curriculum masker wraps, or a dataset a command reads. `args` are the
     kind's constructor arguments (spec, tokenizer, or input_shape and train)."""
-    return _current().build(kind, name, options, *args)
+    return _current().construct(kind, name, options, *args)

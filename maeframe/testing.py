@@ -179,12 +179,12 @@ def build_component(kind: str, name: str, options: dict[str, Any] | None = None,
     tokenizer = tokenizer if tokenizer is not None else make_tokenizer()
     with registry.active():
         if kind == "tokenizer":
-            return registry.build(kind, name, options)
+            return registry.construct(kind, name, options)
         if kind == "masker":
-            return registry.build(kind, name, options, spec if spec is not None else tokenizer.spec)
+            return registry.construct(kind, name, options, spec if spec is not None else tokenizer.spec)
         if kind == "dataset":
-            return registry.build(kind, name, options, input_shape or tokenizer.input_shape, train)
-        return registry.build(kind, name, options, tokenizer)
+            return registry.construct(kind, name, options, input_shape or tokenizer.input_shape, train)
+        return registry.construct(kind, name, options, tokenizer)
 
 
 # --- the Mask contract, static shapes, host syncs ---------------------------------------------------

@@ -10,7 +10,8 @@ from torch import nn
 from maeframe import Prediction
 from maeframe.build import prepare
 from maeframe.cli import main
-from maeframe.engine.compare import compare, tail_mean
+from maeframe.engine.compare import compare
+from maeframe.engine.compare_report import tail_mean
 from maeframe.engine.evaluate import (PSNR_CAP_DB, evaluate, fixed_mask, hf_error_sum, hidden_pixels, laplacian,
                                       psnr_per_image)
 from maeframe.errors import RecipeError
