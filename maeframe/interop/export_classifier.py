@@ -19,13 +19,13 @@ from typing import Any
 import torch
 
 from ..engine.checkpoint import load_checkpoint
-from ..model.classifier import Classifier, ImageClassifier
+from ..model.classifier import Classifier, TokenizedClassifier
 from .encoder_weights import encoder_layout
 from .official_mae import InteropError
 
 
-def load_classifier(checkpoint: str | Path, ema: bool = False) -> tuple[ImageClassifier, dict[str, Any]]:
-    """A finetune/linprobe checkpoint -> (ImageClassifier in eval mode on the CPU, facts for classifier.json)."""
+def load_classifier(checkpoint: str | Path, ema: bool = False) -> tuple[TokenizedClassifier, dict[str, Any]]:
+    """A finetune/linprobe checkpoint -> (TokenizedClassifier in eval mode on the CPU, facts for classifier.json)."""
     from ..build import prepare
     from ..recipe import RECIPE_ADAPTER
 
@@ -48,15 +48,15 @@ def load_classifier(checkpoint: str | Path, ema: bool = False) -> tuple[ImageCla
     facts = {"task": task, "name": recipe.name, "step": state["step"], "weights": "ema" if ema else "model",
              "classes": classes, "input_shape": list(tokenizer.input_shape), "multi_label": head.multi_label,
              "mean": data_options.get("mean"), "std": data_options.get("std"), "output": "logits"}
-    return ImageClassifier(tokenizer, model).eval(), facts
+    return TokenizedClassifier(tokenizer, model).eval(), facts
 
 
-def _example(model: ImageClassifier, batch: int, seed: int = 0) -> torch.Tensor:
+def _example(model: TokenizedClassifier, batch: int, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(batch, *model.tokenizer.input_shape, generator=generator)
 
 
-def export_torchscript(model: ImageClassifier, path: Path) -> Path:
+def export_torchscript(model: TokenizedClassifier, path: Path) -> Path:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarning: the tokenizer's shape check is traced as a constant
         traced = torch.jit.trace(model, _example(model, 2), check_trace=False)
@@ -64,7 +64,7 @@ def export_torchscript(model: ImageClassifier, path: Path) -> Path:
     return path
 
 
-def export_onnx(model: ImageClassifier, path: Path, opset: int = 18) -> Path:
+def export_onnx(model: TokenizedClassifier, path: Path, opset: int = 18) -> Path:
     try:
         import onnxscript  # noqa: F401  (the dynamo exporter's dependency; a clear message if absent)
     except ImportError as err:
@@ -79,7 +79,7 @@ def export_onnx(model: ImageClassifier, path: Path, opset: int = 18) -> Path:
     return path
 
 
-def check_exports(model: ImageClassifier, torchscript: Path | None, onnx: Path | None, batch: int = 3,
+def check_exports(model: TokenizedClassifier, torchscript: Path | None, onnx: Path | None, batch: int = 3,
                   atol: float = 1e-4) -> dict[str, float]:
     """Max abs difference of each export's logits from the PyTorch model's on a batch the exports were not
     traced with (another size too). Raises InteropError above `atol`."""

@@ -159,7 +159,7 @@ class Classifier(nn.Module):
         return {"encoder.cls_token"}
 
 
-class ImageClassifier(nn.Module):
+class TokenizedClassifier(nn.Module):
     """A tokenizer in front of a `Classifier`: inputs [B, *input_shape] (e.g. normalised images) -> logits.
     The form that is exported (TorchScript, ONNX)."""
 
