@@ -594,3 +594,16 @@ def test_a_plugin_supplies_a_weight_format_for_init_format(tmp_path, monkeypatch
     assert torch.equal(tuner.model.encoder.pos_embed[0, 1], torch.linspace(0, 1, 49 * 32).view(49, 32)[1])
     with pytest.raises(RecipeError, match=r"unknown weight_format 'plainer'.*plain"):
         prepare(recipe, [o.replace("=plain", "=plainer") for o in overrides])
+
+
+def test_the_example_distributions_own_tests_pass_installed(example_site):
+    """The example plugin's own test suite, run against the installed wheel as its author would in CI; it uses
+    only maeframe's public API (`import maeframe`, `maeframe.recipe`, `maeframe.testing`)."""
+    env = {key: value for key, value in os.environ.items() if key != BLOCK_ENV}
+    env["PYTHONPATH"] = os.pathsep.join([str(example_site), *filter(None, [env.get("PYTHONPATH")])])
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLE / "tests")],
+                          cwd=example_site, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout
+    source = "\n".join(path.read_text() for path in (EXAMPLE / "tests").glob("*.py"))
+    assert not re.search(r"from maeframe\.(build|plugins|registry|engine)", source)

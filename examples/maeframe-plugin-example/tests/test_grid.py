@@ -11,11 +11,9 @@ import importlib.metadata
 import pytest
 import torch
 
-from maeframe import Mask, Masker, RecipeError, TokenSpec
-from maeframe.build import prepare
-from maeframe.plugins import make_plugin_manager
+from maeframe import Mask, Masker, RecipeError, TokenSpec, prepare
 from maeframe.recipe import parse_recipe
-from maeframe.registry import Registry
+from maeframe.testing import load_registry
 from maeframe_plugin_example import GridMasker, GridOptions
 
 INSTALLED = bool(importlib.metadata.entry_points(group="maeframe", name="example"))
@@ -92,7 +90,7 @@ def test_options_are_validated():
 
 
 def test_registered_through_maeframe():
-    registry = Registry(make_plugin_manager(EXTRA))
+    registry = load_registry(EXTRA)
     entry = registry.get("masker", "grid")
     assert entry.cls is GridMasker and issubclass(entry.cls, Masker)
     assert entry.plugin == ("example" if INSTALLED else "maeframe_plugin_example")
