@@ -3,7 +3,8 @@ import pytest
 from maeframe.build import prepare
 from maeframe.cli import main
 from maeframe.errors import RecipeError
-from maeframe.recipe import apply_override, load_recipe
+from maeframe.recipe import load_recipe
+from maeframe.recipe_file import apply_override
 from conftest import QUICKSTART, RECIPES
 
 

@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 
 from maeframe.build import prepare
 from maeframe.errors import MaeframeError, RecipeError
-from maeframe.recipe import parse_recipe, read_recipe_tree
+from maeframe.recipe import parse_recipe
+from maeframe.recipe_file import read_recipe_tree
 from conftest import QUICKSTART
 
 BASE = yaml.safe_load(QUICKSTART.read_text())
