@@ -1,10 +1,8 @@
 """`maeframe audio-stats`: the mean and std of the log-mel fbank over a recipe's training recordings."""
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,6 +10,7 @@ import torch
 
 from .audio_data import AudioDataset
 from .audio_features import AudioError
+from .stats_file import write_stats_file
 
 log = logging.getLogger("maeframe.audio")
 
@@ -70,13 +69,5 @@ def audio_stats(recipe: str | Path, overrides: Sequence[str] = (), limit: int | 
         stats = fbank_stats(dataset, limit)
     finally:
         torch.set_num_threads(threads)
-    stats["path"] = None
-    if write:
-        path = Path(target).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps({**{k: v for k, v in stats.items() if k != "path"}, "recipe": str(recipe),
-                                   "dataset": ref.name}, indent=2) + "\n")
-        os.replace(tmp, path)
-        stats["path"] = str(path)
+    stats["path"] = write_stats_file(stats, target, recipe, ref.name) if write else None
     return stats

@@ -8,8 +8,6 @@ ImageNet's three values do not apply).
 """
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -20,6 +18,7 @@ from maeframe import OptionError
 from maeframe.errors import MaeframeError, RecipeError
 
 from .image_data import ImageDataset
+from .stats_file import write_stats_file
 
 
 class ChannelSums(torch.utils.data.Dataset):
@@ -103,13 +102,5 @@ def image_stats(recipe: str | Path, overrides: Sequence[str] = (), limit: int | 
         raise RecipeError([(f"data.train.options.{err.field}", err.message)], prepared.source) from err
     except (ValueError, OSError) as err:
         raise RecipeError([("data.train", str(err))], prepared.source) from err
-    stats["path"] = None
-    if write:
-        path = Path(target).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps({**{k: v for k, v in stats.items() if k != "path"}, "recipe": str(recipe),
-                                   "dataset": ref.name}, indent=2) + "\n")
-        os.replace(tmp, path)
-        stats["path"] = str(path)
+    stats["path"] = write_stats_file(stats, target, recipe, ref.name) if write else None
     return stats
