@@ -177,6 +177,41 @@ def cmd_export_classifier(args: argparse.Namespace) -> int:
     return 0
 
 
+def _key_values(items: list[str], flag: str) -> dict:
+    """KEY=VALUE strings -> {key: YAML-parsed value}; a malformed one is an error naming the flag."""
+    from .errors import MaeframeError
+    from .recipe_file import parse_value
+
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise MaeframeError(f"{flag} {item!r}: expected KEY=VALUE")
+        pairs[key] = parse_value(value)
+    return pairs
+
+
+def _best_device(choice: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if choice == "auto" else choice
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    """Reconstruct a user's files with pretrained weights; pictures and reconstruct.json in --out."""
+    from .engine.reconstruct import reconstruct
+
+    results = reconstruct(args.weights, args.inputs, args.out, format=args.format, mask_ratio=args.mask_ratio,
+                          masker=args.masker, masker_options=_key_values(args.masker_option, "--masker-option"),
+                          seed=args.seed, mask_file=args.mask_file, overrides=args.overrides,
+                          device=_best_device(args.device))
+    for result in results:
+        loss = "n/a" if result.loss is None else f"{result.loss:.4f}"
+        print(f"{result.path}: loss {loss}, mask ratio {result.mask_ratio:.2f}, wrote {len(result.files)} files")
+    print(f"wrote {Path(args.out) / 'reconstruct.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maeframe", description="Masked-autoencoder pretraining from recipes.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -278,8 +313,34 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--resume", action="store_true",
                          help="continue (or reuse, when finished) variant runs already in the comparison directory")
     compare.set_defaults(func=cmd_compare)
+    add_reconstruct_parser(sub)
     add_plugin_commands(sub)
     return parser
+
+
+def add_reconstruct_parser(sub) -> None:
+    rec = sub.add_parser("reconstruct", help="reconstruct your own images, videos or audio with pretrained weights",
+                         description="Mask each input file, reconstruct it with a pretraining checkpoint (runs/NAME/"
+                                     "last.pt or last.dcp/) or reference MAE weights, and write the training run's "
+                                     "reconstruction panels (PNG; GIF for video; spectrogram PNG and WAVs for audio) "
+                                     "and reconstruct.json (per input: masked-region loss as training computes it, "
+                                     "mask ratio, files) to --out.")
+    rec.add_argument("weights", help="maeframe pretraining checkpoint, or reference weights with their decoder")
+    rec.add_argument("inputs", nargs="+", help="files to reconstruct, read with the weights' preprocessing")
+    rec.add_argument("--out", required=True, help="output folder")
+    rec.add_argument("--format", default="auto", help="weight format (default auto: maeframe checkpoint, else "
+                                                      "official_mae); `maeframe plugins --kind weight_format`")
+    rec.add_argument("--mask-ratio", type=float, help="set the masker's `ratio` option (default: the recipe's)")
+    rec.add_argument("--masker", help="use this registered masker instead of the recipe's")
+    rec.add_argument("--masker-option", action="append", default=[], metavar="KEY=VALUE",
+                     help="an option of the masker (repeatable), e.g. ratio=0.5")
+    rec.add_argument("--seed", type=int, default=0, help="seed of the drawn masks (default 0)")
+    rec.add_argument("--mask-file", help="explicit mask: .npy/.pt/.txt of 0/1 per token in grid order (1 = hidden), "
+                                         "one row for all inputs or one per input")
+    rec.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a field of the weights' recipe (repeatable), e.g. target.options.norm_pix=false")
+    rec.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    rec.set_defaults(func=cmd_reconstruct)
 
 
 def add_plugin_commands(sub) -> None:

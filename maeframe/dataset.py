@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -83,6 +83,24 @@ class Dataset(Component, torch.utils.data.Dataset):
     def describe(self, index: int) -> str:
         """Where sample `index` comes from (a file path), for messages about unreadable samples."""
         return f"sample {index}"
+
+    @classmethod
+    def file_suffixes(cls) -> tuple[str, ...]:
+        """Lower-case suffixes (with the dot) of the single files `from_files` reads, e.g. ('.png', '.jpg').
+        Default: none (the dataset cannot read a user's files one by one)."""
+        return ()
+
+    @classmethod
+    def from_files(cls, options: dict[str, Any], input_shape: tuple[int, ...], paths: list[str],
+                   labels: list[int] | None = None) -> Dataset:
+        """An evaluation (non-augmented) dataset reading exactly `paths`, in order, with the preprocessing the
+        `options` describe: item i is (sample [*input_shape], labels[i] or -1) and `describe(i)` is paths[i].
+        `options` are a recipe's dataset options with their defaults filled in (`Options.model_dump()`),
+        possibly of another dataset class of the same modality: take the preprocessing fields (normalisation,
+        decoding, fbank settings, frames...) and ignore those that locate data (root, list, split...).
+        Used by `maeframe reconstruct` and `maeframe embed` on a user's files. A file that cannot be read
+        raises when loaded (or is reported by `unreadable()`). Default: refuses (ValueError)."""
+        raise ValueError(f"dataset {cls.__name__} does not read single files (its file_suffixes() is empty)")
 
     def denormalize(self, batch: Tensor) -> Tensor:
         """Undo input normalisation for display: [B, *input_shape] -> values in [0, 1]."""

@@ -36,6 +36,15 @@ class WeightFormat(Component):
         """The encoder layout these weights need; default: maeframe's (cls token, sin-cos positions)."""
         return EncoderLayout()
 
+    def recipe_for(self, path: Path) -> dict[str, Any]:
+        """A pretraining recipe tree (plain values) describing how the weights at `path` run: `tokenizer` (name,
+        options), `model` (sizes, decoder included when stored), `masker`, `target`, `losses` and `data.train`
+        (a dataset of the weights' modality whose options carry the input preprocessing, e.g. normalisation;
+        its location options are placeholders). For tools that run weights without a recipe of the user's:
+        `maeframe reconstruct` and `maeframe embed`. Default: refuses with a ValueError."""
+        raise ValueError(f"weight format {type(self).__name__} cannot describe its weights as a recipe (it "
+                         f"defines no recipe_for)")
+
     @abstractmethod
     def read(self, path: Path, spec: TokenSpec, model: Any, tokenizer_options: dict[str, Any]) -> dict[str, Tensor]:
         """The weights at `path` as {maeframe name: tensor} (keys outside `encoder.` are dropped), for the

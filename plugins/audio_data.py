@@ -43,7 +43,7 @@ from maeframe import Dataset, Options, hookimpl
 
 from .audio_features import (AUDIO_EXTENSIONS, AUDIOSET_MEAN, AUDIOSET_STD, DISPLAY_RANGE, AudioError, FbankConfig,
                              FeatureCache, audio_features, fit_length)
-from .folders import OUTSIDE_CLASSES, extension_reason, log_passed_over
+from .folders import OUTSIDE_CLASSES, extension_reason, log_passed_over, preprocessing_options
 
 log = logging.getLogger("maeframe.audio")
 
@@ -252,6 +252,22 @@ class AudioDataset(Dataset):
             features = torch.roll(features, int(torch.randint(-10, 10, ())), dims=0)
         return features[None].float()
 
+    @classmethod
+    def file_suffixes(cls) -> tuple[str, ...]:
+        return tuple(sorted(AUDIO_EXTENSIONS))
+
+    @classmethod
+    def from_files(cls, options: dict, input_shape: tuple[int, ...], paths: list[str],
+                   labels: list[int] | None = None) -> Dataset:
+        """The listed recordings: fbank settings and normalisation of `options`, the first T frames (padded)."""
+        reader = AudioFilesReader(preprocessing_options(options, AudioOptions, READER_DROPS), input_shape, False)
+        reader.items = [(Path(path), -1 if labels is None else labels[i]) for i, path in enumerate(paths)]
+        problems = [problem for problem in (reader._probe(path) for path, _ in reader.items) if problem]
+        if problems:  # asked-for files are not passed over
+            raise ValueError("; ".join(problems))
+        reader._setup("audio files")
+        return reader
+
     def denormalize(self, batch: Tensor) -> Tensor:
         """Normalised batch -> [0, 1], log-mel `display_range` mapped linearly (for pictures)."""
         low, high = self.options.display_range
@@ -259,6 +275,15 @@ class AudioDataset(Dataset):
 
 
 ALL_FILES = "**/*"
+
+
+# options of a recipe's audio dataset that a reader of single files ignores
+READER_DROPS = ("limit", "cache_dir", "repeats")
+
+
+class AudioFilesReader(AudioDataset):
+    """Exactly the given recordings (`AudioDataset.from_files`); files failing the header check are reported
+    by `unreadable()`."""
 
 
 def _audio_files(folder: Path, pattern: str, suffixes: set[str], passed: Counter) -> list[Path]:

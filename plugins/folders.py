@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from pathlib import Path
+from typing import Any
+
+from maeframe import Options
 
 log = logging.getLogger("maeframe.data")
 
@@ -34,3 +37,11 @@ def log_passed_over(dataset: str, root: str | Path, reasons: Counter, chosen: tu
     level = logging.INFO if set(reasons) <= set(chosen) else logging.WARNING
     log.log(level, "%s: passed over %d file%s under %s: %s%s", dataset, total, "" if total == 1 else "s", root,
             parts, hint)
+
+
+def preprocessing_options(options: dict[str, Any], reader: type[Options], dropped: tuple[str, ...] = ()) -> Options:
+    """A file reader's options from a recipe's dataset options (`Dataset.from_files`; of any dataset class of
+    the modality): the fields `reader` declares, less `dropped` (fields that locate, limit or cache data);
+    the reader's other fields keep their defaults."""
+    return reader.model_validate({key: value for key, value in options.items()
+                                  if key in reader.model_fields and key not in dropped})

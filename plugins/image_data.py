@@ -26,7 +26,7 @@ from maeframe import Dataset, OptionError, Options, hookimpl
 
 from .folders import OUTSIDE_CLASSES, extension_reason, log_passed_over
 from .image_augment import FinetuneAugment
-from .image_decode import DecodeOptions, decode
+from .image_decode import DecodeOptions, decode, image_extensions
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_HINT = ("install it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu; `make data` does it) "
@@ -112,6 +112,19 @@ class ImageDataset(Dataset):
             raise ValueError(f"RandAugment works on 1- or 3-channel images, these have {channels}; set "
                              f"augment.rand_augment: null and augment.random_erasing: 0")
         self.finetune_augment = FinetuneAugment(rand_augment, random_erasing, height, width, self.mean, self.std)
+
+    @classmethod
+    def file_suffixes(cls) -> tuple[str, ...]:
+        """Every image format `image_decode.decode` reads (Pillow's, TIFF, .npy)."""
+        return image_extensions()
+
+    @classmethod
+    def from_files(cls, options: dict, input_shape: tuple[int, ...], paths: list[str],
+                   labels: list[int] | None = None) -> Dataset:
+        """The listed images with the evaluation transform (resize, centre crop, this normalisation)."""
+        from .image_reader import ImageFileReader
+
+        return ImageFileReader.for_paths(options, input_shape, paths, labels)
 
     def denormalize(self, batch: Tensor) -> Tensor:
         return (batch * self._std.to(batch.device) + self._mean.to(batch.device)).clamp(0, 1)

@@ -50,12 +50,15 @@ from maeframe import Dataset, hookimpl
 
 from .clip_geometry import clip_indices, short_side_size
 from .clip_transforms import ClipAugment, ClipTransform, MultiViewTesting, VideoAugmentOptions, check_clip_shape
-from .folders import OUTSIDE_CLASSES, extension_reason, log_passed_over
+from .folders import OUTSIDE_CLASSES, extension_reason, log_passed_over, preprocessing_options
 from .moving_fmnist import MovingFashionMNISTDataset
 from .torchcodec_reader import TorchcodecReader
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp",
                     ".ogv")
+
+# options of a recipe's video dataset that a reader of single files ignores (one centre clip per file, no cache)
+READER_DROPS = ("limit", "clips_per_video", "test_clips", "test_crops", "cache", "repeats")
 
 
 class UnreadableVideo(Exception):
@@ -102,6 +105,17 @@ class VideoFileDataset(MultiViewTesting, Dataset):
 
     def _list(self) -> list[tuple[str, int]]:
         raise NotImplementedError
+
+    @classmethod
+    def file_suffixes(cls) -> tuple[str, ...]:
+        return VIDEO_EXTENSIONS
+
+    @classmethod
+    def from_files(cls, options: dict, input_shape: tuple[int, ...], paths: list[str],
+                   labels: list[int] | None = None) -> Dataset:
+        """The listed videos, one centre clip each (sampling_rate, short_side, centre crop, mean/std as `options`)."""
+        items = [(str(path), -1 if labels is None else labels[i]) for i, path in enumerate(paths)]
+        return VideoFilesReader(preprocessing_options(options, VideoAugmentOptions, READER_DROPS), input_shape, items)
 
     # --- bookkeeping -------------------------------------------------------------------------------------
 
@@ -292,6 +306,19 @@ class VideoFolderDataset(VideoFileDataset):
         if not items:
             raise ValueError(f"video_folder: no files ending in {', '.join(endings)} under {root}/<class>/")
         return items
+
+
+class VideoFilesReader(VideoFileDataset):
+    """Exactly the given (path, label) items, in order: `Dataset.from_files` of every video dataset."""
+
+    name = "video files"
+
+    def __init__(self, options: VideoAugmentOptions, input_shape: tuple[int, ...], items: list[tuple[str, int]]):
+        self._given = items
+        super().__init__(options, input_shape, False)
+
+    def _list(self) -> list[tuple[str, int]]:
+        return self._given
 
 
 # --- video_list ------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from typing import Any
 from torch import Tensor
 
 from maeframe import EncoderLayout, WeightFormat, hookimpl
-from maeframe.interop import InteropError, load_checkpoint, official_to_maeframe, read_official
+from maeframe.interop import InteropError, infer_config, load_checkpoint, official_to_maeframe, read_official
 
 from .official_av import audiomae_to_maeframe, read_reference, videomae_positions, videomae_to_maeframe
 
@@ -45,6 +45,13 @@ class MaeframeWeights(WeightFormat):
         check_recorded_architecture(state.get("recipe", {}), path, model, tokenizer_options)
         return state["model"]
 
+    def recipe_for(self, path: Path) -> dict[str, Any]:
+        """The recipe the checkpoint's run recorded (a pretraining or a downstream one)."""
+        try:
+            return load_checkpoint(path)["recipe"]
+        except ValueError as err:
+            raise InteropError(str(err)) from None
+
 
 class OfficialMAEWeights(WeightFormat):
     """Reference MAE weights (`mae_pretrain_vit_base.pth`, or a fine-tuned one: its classifier is ignored)."""
@@ -58,6 +65,26 @@ class OfficialMAEWeights(WeightFormat):
         except InteropError as err:
             raise InteropError(f"{path}: {err}") from None
         return weights
+
+    def recipe_for(self, path: Path) -> dict[str, Any]:
+        """MAE's own pretraining: sizes from the tensors (`infer_config`; heads from the standard ViT table),
+        random masking at 0.75, normalised-pixel MSE (the released models' norm_pix_loss), ImageNet
+        normalisation of images read by `image_files` (its root is a placeholder)."""
+        try:
+            config, patch, channels, grid = infer_config(read_official(path))
+        except InteropError as err:
+            raise InteropError(f"{path}: {err}") from None
+        size = [g * p for g, p in zip(grid, patch if isinstance(patch, tuple) else (patch, patch))]
+        return {
+            "task": "pretrain", "name": Path(path).stem or "official_mae",
+            "tokenizer": {"name": "image_patch", "options": {"image_size": size, "patch_size": patch,
+                                                             "channels": channels}},
+            "masker": {"name": "random", "options": {"ratio": 0.75}},
+            "target": {"name": "pixel", "options": {"norm_pix": True}},
+            "losses": [{"name": "mse", "weight": 1.0}],
+            "model": config,
+            "data": {"train": {"name": "image_files", "options": {"root": "."}}},
+        }
 
 
 class OfficialVideoMAEWeights(WeightFormat):

@@ -21,9 +21,12 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel
 
-from ..build import Prepared
+from ..build import Components, Prepared
+from ..loss import Prediction
 from ..errors import MaeframeError
 from ..masker import Mask
+from ..target import TargetOut
+from ..tokenizer import Tokens
 from ..model import MaskedAutoencoder
 from ..model.drop_path import set_drop_rows
 from .data import DROP_PATH_STREAM, stream_seed
@@ -158,6 +161,18 @@ class OptimizerStep:
         return not any_rank(not finite, self.world, self.device) if self.sharded else finite
 
 
+def mae_losses(components: Components, tokens: Tokens, mask: Mask, prediction: Prediction,
+               autocast=contextlib.nullcontext) -> tuple[Tensor, dict[str, Tensor], TargetOut]:
+    """The recipe's loss of one masked batch, as training computes it: the target of `tokens` under `mask`
+    (no gradient, under `autocast`), each loss term {label: scalar} and their weighted sum. Returns
+    (total, terms, target)."""
+    with torch.no_grad(), autocast():
+        target = components.target(tokens, mask)
+    terms = {label: loss(prediction, target, mask) for label, _, loss in components.losses}
+    total = sum(weight * terms[label] for label, weight, _ in components.losses)
+    return total, terms, target
+
+
 class MAEStep(OptimizerStep):
     """tokenize -> mask -> MaskedAutoencoder -> target -> weighted losses."""
 
@@ -192,12 +207,8 @@ class MAEStep(OptimizerStep):
 
     def forward_losses(self, batch: Tensor, mask: Mask | None = None, step: int = 0, micro: int = 0):
         """batch [B, *input_shape] on device -> (total loss, {label: term}, tokens, mask, prediction)."""
-        c = self.components
         tokens, mask, prediction = self.predict(batch, mask, step, micro=micro)
-        with torch.no_grad(), self.runtime.autocast():
-            target = c.target(tokens, mask)
-        terms = {label: loss(prediction, target, mask) for label, _, loss in c.losses}
-        total = sum(weight * terms[label] for label, weight, _ in c.losses)
+        total, terms, _ = mae_losses(self.components, tokens, mask, prediction, self.runtime.autocast)
         return total, terms, tokens, mask, prediction
 
     def losses(self, inputs: Tensor, labels: Tensor, step: int, micro: int):
