@@ -23,6 +23,9 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time `__getattr_
     from .seeding import python_numpy_seeded
     from .weights import EncoderLayout, WeightFormat
     from .tokenizer import Tokenizer, Tokens, TokenSpec, as_pair
+    from .engine.reconstruct import reconstruct
+    from .engine.embed import embed
+    from .engine.embed_store import load_embeddings
 
 __version__ = "0.1.0"
 
@@ -33,6 +36,8 @@ _LAZY = {  # public name -> submodule defining it (each imports torch)
     "Tokens": "tokenizer", "TokenSpec": "tokenizer", "as_pair": "tokenizer", "python_numpy_seeded": "seeding",
     "prepare": "build", "build_component": "registry", "component_class": "registry",
     "WeightFormat": "weights", "EncoderLayout": "weights",
+    # tools for notebooks: the engine behind `maeframe reconstruct` and `maeframe embed`
+    "reconstruct": "engine.reconstruct", "embed": "engine.embed", "load_embeddings": "engine.embed_store",
 }
 __all__ = [*_LAZY, "hookimpl", "MaeframeError", "OptionError", "PluginError", "RecipeError"]
 

@@ -212,6 +212,20 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    """Encoder features of a dataset, folder or file list -> one safetensors file (resumable by chunk)."""
+    from .engine.embed import embed
+    from .engine.embed_store import load_embeddings
+
+    out = embed(args.weights, args.data, args.out, format=args.format, split=args.split, pool=args.pool,
+                device=args.device, batch_size=args.batch_size, chunk_size=args.chunk_size,
+                num_workers=args.num_workers, overrides=args.overrides)
+    if out.is_file():  # rank 0 (every other rank of a torchrun job returns once rank 0 has written it)
+        features, labels, _ = load_embeddings(out)
+        print(f"wrote {out}: features {list(features.shape)}" + ("" if labels is None else f", labels {list(labels.shape)}"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maeframe", description="Masked-autoencoder pretraining from recipes.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -314,8 +328,34 @@ def build_parser() -> argparse.ArgumentParser:
                          help="continue (or reuse, when finished) variant runs already in the comparison directory")
     compare.set_defaults(func=cmd_compare)
     add_reconstruct_parser(sub)
+    add_embed_parser(sub)
     add_plugin_commands(sub)
     return parser
+
+
+def add_embed_parser(sub) -> None:
+    emb = sub.add_parser("embed", help="encoder features of a dataset, folder or file list to safetensors",
+                         description="Encode every sample with all tokens visible (the k-NN task's features) and "
+                                     "write OUT as safetensors: features [N, D] (or [N, 1+L, D] with --pool all), "
+                                     "labels [N] when the data has labels, and the source path of every row "
+                                     "(header metadata 'paths', JSON; maeframe.load_embeddings reads all three). "
+                                     "Resumable: chunks go to OUT.parts/ and a rerun skips finished ones. Under "
+                                     "torchrun each process embeds every N-th chunk.")
+    emb.add_argument("weights", help="maeframe checkpoint (pretraining or fine-tuning) or reference weights")
+    emb.add_argument("data", help="recipe (.yaml: its data section), folder, or list (.txt paths; .csv with a path "
+                                  "column and an optional integer label column)")
+    emb.add_argument("--out", required=True, help="output .safetensors file")
+    emb.add_argument("--format", default="auto", help="weight format (default auto: maeframe, else official_mae)")
+    emb.add_argument("--split", default="train", choices=["train", "eval"], help="recipe DATA: data.train or data.eval")
+    emb.add_argument("--pool", default="avg", choices=["avg", "cls", "all"],
+                     help="avg: mean of the normed patch tokens (as k-NN); cls: the cls token; all: every token")
+    emb.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
+    emb.add_argument("--batch-size", type=int, default=256, help="samples per encoder forward (256)")
+    emb.add_argument("--chunk-size", type=int, default=4096, help="rows per resumable chunk file (4096)")
+    emb.add_argument("--num-workers", type=int, default=0, help="DataLoader processes decoding samples (0)")
+    emb.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a field of the k-NN recipe built for the weights (repeatable)")
+    emb.set_defaults(func=cmd_embed)
 
 
 def add_reconstruct_parser(sub) -> None:

@@ -17,14 +17,15 @@ def encode_dataset(encoder: torch.nn.Module, tokenizer: Tokenizer, dataset: Data
                    batch_size: int = 256, pool: str = "mean", num_workers: int = 0,
                    world: World = World()) -> tuple[Tensor, Tensor]:
     """Features of every sample with all tokens visible: ([N, D] float32 on CPU, [N] long labels).
-    pool: "mean" over patch tokens, or "cls"; num_workers: DataLoader processes decoding the samples. Under
+    pool: "mean" over patch tokens, "cls", or "all" (every token: [N, 1 + L, D]); num_workers: DataLoader processes decoding the samples. Under
     torchrun each rank encodes its share and every rank gets all features (`map_dataset`)."""
     was_training = encoder.training
     encoder.eval()
 
     def features(batch: Tensor) -> Tensor:
         latent = encoder(tokenizer.tokenize(batch.to(device)).patches)
-        return (latent[:, 1:].mean(1) if pool == "mean" else latent[:, 0]).float().cpu()
+        pooled = {"mean": lambda: latent[:, 1:].mean(1), "cls": lambda: latent[:, 0], "all": lambda: latent}[pool]()
+        return pooled.float().cpu()
 
     out = map_dataset(features, dataset, world, batch_size, num_workers)
     encoder.train(was_training)
@@ -35,9 +36,10 @@ def knn_features(encoder: torch.nn.Module, tokenizer: Tokenizer, datasets: list[
                  autocast=contextlib.nullcontext, pool: str = "avg", batch_size: int = 256,
                  num_workers: int = 0, world: World = World()) -> list[tuple[Tensor, Tensor]]:
     """The k-NN protocol's features (the `knn` task and the pretraining monitor): `encode_dataset` of each
-    dataset under `autocast`, pool as recipes name it ("avg": mean of the patch tokens, "cls").
+    dataset under `autocast`, pool as recipes name it ("avg": mean of the patch tokens, "cls"; "all": every
+    token, [N, 1 + L, D], for `maeframe embed`).
     Returns one ([N, D] float32 features, [N] labels) pair per dataset; consumes no global RNG."""
-    encode = dict(batch_size=batch_size, pool={"avg": "mean", "cls": "cls"}[pool], num_workers=num_workers,
+    encode = dict(batch_size=batch_size, pool={"avg": "mean", "cls": "cls", "all": "all"}[pool], num_workers=num_workers,
                   world=world)
     with autocast():
         return [encode_dataset(encoder, tokenizer, dataset, device, **encode) for dataset in datasets]
