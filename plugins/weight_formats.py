@@ -83,7 +83,8 @@ class OfficialMAEWeights(WeightFormat):
             "target": {"name": "pixel", "options": {"norm_pix": True}},
             "losses": [{"name": "mse", "weight": 1.0}],
             "model": config,
-            "data": {"train": {"name": "image_files", "options": {"root": "."}}},
+            "data": {"train": {"name": "image_files", "options": {"root": "."}}, "batch_size": 1},
+            "optim": {"epochs": 1},  # required by the schema; nothing is trained
         }
 
 
