@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -220,7 +221,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     out = embed(args.weights, args.data, args.out, format=args.format, split=args.split, pool=args.pool,
                 device=args.device, batch_size=args.batch_size, chunk_size=args.chunk_size,
                 num_workers=args.num_workers, overrides=args.overrides)
-    if out.is_file():  # rank 0 (every other rank of a torchrun job returns once rank 0 has written it)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
         features, labels, _ = load_embeddings(out)
         print(f"wrote {out}: features {list(features.shape)}" + ("" if labels is None else f", labels {list(labels.shape)}"))
     return 0

@@ -26,7 +26,7 @@ from ..dataset import Dataset
 from ..errors import MaeframeError
 from ..recipe import EncoderConfig
 from ..recipe_file import read_recipe_tree
-from .distributed import World, barrier, init_world
+from .distributed import World, barrier, init_world, shutdown_world
 from .embed_store import assemble, chunk_done, fingerprint, write_chunk
 from .files import files_dataset, find_reader, list_folder, read_file_list
 from .knn import knn_features
@@ -124,5 +124,7 @@ def embed(weights: str | Path, data: str | Path, out: str | Path, *, format: str
         assemble(out, chunks, {"fingerprint": stamp, "pool": pool, "weights": str(opened.path),
                                "format": opened.format})
     barrier(world)
+    if world.distributed:
+        shutdown_world(world)
     return out
 
