@@ -18,8 +18,8 @@ from maeframe.engine.checkpoint import load_checkpoint
 from maeframe.engine.knn_eval import KnnTask
 from maeframe.engine.run import make_task
 from maeframe.errors import MaeframeError
-from maeframe_plugins.image_data import load_fashion_mnist
-from conftest import QUICKSTART, tiny
+from maeframe_plugins.image_data import FashionMNISTDataset, FashionMNISTOptions, load_fashion_mnist
+from conftest import QUICKSTART, RECIPES, tiny
 
 ROWS = 40
 
@@ -122,3 +122,23 @@ def assert_same_file(a, b):
 def _write(path, tree):
     path.write_text(yaml.safe_dump(tree))
     return path
+
+
+def test_a_finetuned_checkpoint_gives_what_its_head_sees(setup, tmp_path):
+    checkpoint, data, _ = setup
+    overrides = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "data.train.options.limit=32",
+                 "data.eval.options.limit=16", "data.batch_size=16", "data.num_workers=0", "optim.epochs=1",
+                 "optim.warmup_epochs=0", "runtime.progress_bar=false", "runtime.tensorboard=false",
+                 f"runtime.output_dir={tmp_path}", f"init.checkpoint={checkpoint}"]
+    trainer = make_task(prepare(RECIPES / "finetune_fmnist.yaml", overrides))
+    trainer.train()
+    out = embed(tmp_path / "finetune_fmnist" / "last.pt", data, tmp_path / "ft.safetensors", device="cpu",
+                progress=False)
+    features, labels, _ = load_embeddings(out)
+    dataset = FashionMNISTDataset(FashionMNISTOptions(split="test", limit=ROWS), (1, 28, 28), False)
+    batch = torch.stack([dataset[i][0] for i in range(ROWS)])
+    with torch.no_grad():
+        expected = trainer.model.eval().forward_features(trainer.tokenizer.tokenize(batch).patches)
+    torch.testing.assert_close(features, expected, atol=1e-5, rtol=0)
+    with pytest.raises(MaeframeError, match="head.pool avg"):
+        embed(tmp_path / "finetune_fmnist" / "last.pt", data, tmp_path / "x.safetensors", pool="cls", device="cpu")

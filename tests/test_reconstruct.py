@@ -10,7 +10,8 @@ from PIL import Image
 from maeframe import reconstruct
 from maeframe.build import prepare
 from maeframe.cli import main
-from maeframe.engine.checkpoint import load_checkpoint
+from maeframe.engine.checkpoint import load_checkpoint, save_dcp
+from maeframe.engine.distributed import World
 from maeframe.engine.run import make_task
 from maeframe.interop import maeframe_to_official
 from maeframe.masker import Mask
@@ -113,3 +114,14 @@ def test_bad_inputs_are_errors_naming_the_file(trained, tmp_path, capsys):
         assert "Traceback" not in err
     assert main(["reconstruct", str(notes), str(root / "boot.png"), "--out", str(tmp_path / "x")]) == 2
     assert "notes.txt" in capsys.readouterr().err
+
+
+def test_a_sharded_dcp_checkpoint_reconstructs_like_its_file(trained, tmp_path):
+    """An fsdp run's last.dcp/ (written here by the engine's own save_dcp from the file's state) is read whole."""
+    checkpoint, _, root = trained
+    state = load_checkpoint(checkpoint)
+    tensors = {key: state.pop(key) for key in ("model", "optimizer")}
+    save_dcp(tmp_path / "last.dcp", tensors, {k: v for k, v in state.items() if k != "format"}, World())
+    from_dcp = reconstruct(tmp_path / "last.dcp", [root / "boot.png"], seed=2)[0]
+    from_file = reconstruct(checkpoint, [root / "boot.png"], seed=2)[0]
+    assert from_dcp.loss == from_file.loss and torch.equal(from_dcp.prediction, from_file.prediction)

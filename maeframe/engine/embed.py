@@ -3,7 +3,8 @@
 The weights (a maeframe pretraining or fine-tuning checkpoint, or other weights through their format) are
 loaded as a `task: knn` recipe would load them (`knn_eval.build_encoder`: the same encoder, layout and
 checks), and every sample is encoded with all tokens visible by `knn.knn_features` under the runtime's
-precision: `avg` (mean of the normed patch tokens, the k-NN task's feature), `cls`, or `all` tokens.
+precision: `avg` (mean of the normed patch tokens, the k-NN task's feature), `cls`, or `all` tokens. A
+fine-tuned or linearly probed checkpoint gives what its classifier's head sees (embed_downstream.py).
 
 DATA: a recipe file (its `data.train`, or `data.eval` with split="eval", read without augmentation), a
 folder (every file under it that the weights' dataset reads), or a list (.txt: one path per line; .csv: a
@@ -26,7 +27,8 @@ from ..dataset import Dataset
 from ..errors import MaeframeError
 from ..recipe import EncoderConfig
 from ..recipe_file import read_recipe_tree
-from .distributed import World, barrier, init_world, shutdown_world
+from .distributed import World, barrier, init_world, map_dataset, shutdown_world
+from .embed_downstream import downstream_features
 from .embed_store import assemble, chunk_done, fingerprint, write_chunk
 from .files import files_dataset, find_reader, list_folder, read_file_list
 from .knn import knn_features
@@ -37,6 +39,7 @@ from .runtime import select_runtime
 POOLS = ("avg", "cls", "all")
 RECIPE_SUFFIXES = (".yaml", ".yml")
 LIST_SUFFIXES = (".txt", ".csv")
+DOWNSTREAM = ("finetune", "linprobe")
 
 
 def knn_tree(weights: Weights, data_ref: dict[str, Any] | None, plugins: list[str], pool: str,
@@ -102,7 +105,11 @@ def embed(weights: str | Path, data: str | Path, out: str | Path, *, format: str
     if world.distributed and runtime.device.type == "cuda":
         runtime = select_runtime(prepared.recipe.runtime, world.local_rank)
     dataset, data_facts = open_data(prepared, data, from_recipe, split)
-    encoder = build_encoder(prepared, runtime.device)
+    if opened.task in DOWNSTREAM:  # a trained classifier: what its head sees
+        encode = downstream_features(opened, runtime.device, pool)
+    else:
+        encoder = build_encoder(prepared, runtime.device)
+        encode = None
     stat = os.stat(opened.path / ".metadata" if opened.path.is_dir() else opened.path)
     stamp = fingerprint({"weights": str(opened.path.resolve()), "size": stat.st_size, "mtime": stat.st_mtime_ns,
                          "format": opened.format, "data": data_facts, "pool": pool, "chunk_size": chunk_size,
@@ -113,9 +120,13 @@ def embed(weights: str | Path, data: str | Path, out: str | Path, *, format: str
     for index in range(world.rank, chunks, world.world_size):
         rows = range(index * chunk_size, min((index + 1) * chunk_size, count))
         if not chunk_done(out, index, stamp, len(rows)):
-            ((features, labels),) = knn_features(encoder, prepared.components.tokenizer, [Subset(dataset, rows)],
-                                                 runtime.device, runtime.autocast, pool, batch_size, num_workers,
-                                                 World())
+            chunk = Subset(dataset, rows)
+            if encode is None:
+                ((features, labels),) = knn_features(encoder, prepared.components.tokenizer, [chunk], runtime.device,
+                                                     runtime.autocast, pool, batch_size, num_workers, World())
+            else:
+                with runtime.autocast():
+                    features, labels = map_dataset(encode, chunk, World(), batch_size, num_workers)
             write_chunk(out, index, features, labels, [dataset.describe(i) for i in rows], stamp)
         bar.update(len(rows) * world.world_size)
     bar.close()
