@@ -14,6 +14,7 @@ from maeframe.interop import InteropError, infer_config, load_checkpoint, offici
 from .official_av import audiomae_to_maeframe, read_reference, videomae_positions, videomae_to_maeframe
 
 ARCHITECTURE = ("embed_dim", "depth", "num_heads", "mlp_ratio")
+AUDIOMAE_MEL_BINS = 128  # AudioMAE's fbank height; the stored positions then give the time length
 
 
 def check_recorded_architecture(recipe: dict[str, Any], path: Path, model: EncoderConfig | None,
@@ -105,6 +106,32 @@ class OfficialVideoMAEWeights(WeightFormat):
 
 class OfficialAudioMAEWeights(WeightFormat):
     """Reference AudioMAE weights (pretraining or fine-tuned) on the recipe's (time, frequency) grid."""
+
+    def recipe_for(self, path: Path) -> dict[str, Any]:
+        """AudioMAE's setting: encoder sizes from the tensors (heads = width / 64), AudioMAE's 128 mel bins (the
+        time length follows from the stored positions), random masking 0.8, norm_pix MSE, AudioSet fbank
+        statistics (`audio_folder`'s defaults; its root is a placeholder). AudioMAE's decoder is not converted,
+        so these weights embed but do not reconstruct."""
+        state = read_reference(path)
+        weight, positions = state.get("patch_embed.proj.weight"), state.get("pos_embed")
+        if weight is None or weight.dim() != 4 or positions is None:
+            raise InteropError(f"{path}: no patch_embed.proj.weight [D, 1, pt, pf] and pos_embed: not AudioMAE weights")
+        width, _, pt, pf = weight.shape
+        mel_bins = AUDIOMAE_MEL_BINS
+        frames = (positions.shape[1] - 1) // (mel_bins // pf) * pt
+        depth = len({key.split(".")[1] for key in state if key.startswith("blocks.")})
+        return {
+            "task": "pretrain", "name": Path(path).stem or "official_audiomae",
+            "tokenizer": {"name": "spectrogram", "options": {"target_length": frames, "num_mel_bins": mel_bins,
+                                                             "patch_size": [pt, pf]}},
+            "masker": {"name": "random", "options": {"ratio": 0.8}},
+            "target": {"name": "pixel", "options": {"norm_pix": True}},
+            "losses": [{"name": "mse", "weight": 1.0}],
+            "model": {"embed_dim": width, "depth": depth, "num_heads": max(1, width // 64),
+                      "mlp_ratio": state["blocks.0.mlp.fc1.weight"].shape[0] / width},
+            "data": {"train": {"name": "audio_folder", "options": {"root": "."}}, "batch_size": 1},
+            "optim": {"epochs": 1},  # required by the schema; nothing is trained
+        }
 
     def read(self, path: Path, spec, model, tokenizer_options: dict[str, Any]) -> dict[str, Tensor]:
         try:

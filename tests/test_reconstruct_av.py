@@ -8,7 +8,10 @@ import soundfile as sf
 import torch
 from PIL import Image
 
+from maeframe import embed, load_embeddings
 from maeframe.build import prepare
+from maeframe.engine.checkpoint import load_checkpoint
+from maeframe.interop import maeframe_to_official
 from maeframe.cli import main
 from maeframe.engine.files import files_dataset
 from maeframe.engine.reconstruct import reconstruct
@@ -59,7 +62,7 @@ def test_video_reconstruction_of_a_real_mp4(tmp_path):
     check_loss(trainer, reconstruct(checkpoint, [clip], seed=1)[0])
 
 
-def test_audio_reconstruction_of_a_real_recording_writes_wavs(tmp_path):
+def test_audio_reconstruction_of_a_real_recording_writes_wavs(tmp_path, capsys):
     trainer, checkpoint = train("audio_klettres.yaml", AUDIO, tmp_path / "runs")
     recording = "/usr/share/klettres/en/alpha/B.ogg"
     assert main(["reconstruct", str(checkpoint), recording, "--out", str(tmp_path / "out")]) == 0
@@ -75,6 +78,25 @@ def test_audio_reconstruction_of_a_real_recording_writes_wavs(tmp_path):
     image = tmp_path / "picture.png"
     Image.new("L", (8, 8)).save(image)
     assert main(["reconstruct", str(checkpoint), str(image), "--out", str(tmp_path / "x")]) == 2
+    assert f"{image}: not a file these weights read" in capsys.readouterr().err
+
+    # the same weights in AudioMAE's layout embed as the checkpoint does (the grid and heads set by hand)
+    official = tmp_path / "audiomae.pth"
+    torch.save({"model": maeframe_to_official(load_checkpoint(checkpoint)["model"], trainer.components.tokenizer.spec)},
+               official)
+    sets = ["tokenizer.options.target_length=32", "tokenizer.options.num_mel_bins=32", "model.num_heads=2",
+            "data.train.options.mean=-7.920", "data.train.options.std=5.519"]
+    listing = tmp_path / "two.txt"
+    listing.write_text(f"{recording}\n/usr/share/klettres/en/alpha/C.ogg\n")
+    ours, _, paths = load_embeddings(embed(checkpoint, listing, tmp_path / "ours.safetensors", device="cpu",
+                                           progress=False))
+    theirs, _, _ = load_embeddings(embed(official, listing, tmp_path / "theirs.safetensors", format="official_audiomae",
+                                         overrides=sets, device="cpu", progress=False))
+    assert paths == [recording, "/usr/share/klettres/en/alpha/C.ogg"] and ours.shape == (2, 32)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+    assert main(["reconstruct", str(official), recording, "--out", str(tmp_path / "y"), "--format",
+                 "official_audiomae", *[arg for item in sets for arg in ("--set", item)]]) == 2
+    assert "the weights hold no decoder" in capsys.readouterr().err  # AudioMAE's decoder is not converted
 
 
 def test_a_dataset_that_reads_no_files_hands_over_to_one_of_its_modality():
