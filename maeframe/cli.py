@@ -355,7 +355,7 @@ def add_embed_parser(sub) -> None:
     emb.add_argument("--chunk-size", type=int, default=4096, help="rows per resumable chunk file (4096)")
     emb.add_argument("--num-workers", type=int, default=0, help="DataLoader processes decoding samples (0)")
     emb.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a field of the k-NN recipe built for the weights (repeatable)")
+                     help="override a field of the weights' recipe (repeatable), e.g. model.num_heads=16")
     emb.set_defaults(func=cmd_embed)
 
 

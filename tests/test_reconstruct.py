@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from maeframe import reconstruct
+from maeframe import embed, load_embeddings, reconstruct
 from maeframe.build import prepare
 from maeframe.cli import main
 from maeframe.engine.checkpoint import load_checkpoint, save_dcp
@@ -84,6 +84,14 @@ def test_official_layout_weights_reconstruct_like_the_checkpoint(trained, tmp_pa
     ours = reconstruct(checkpoint, [root / "boot.png"], overrides=["data.train.options.mean=[0.286]",
                                                                    "data.train.options.std=[0.353]"])[0]
     assert report["inputs"][0]["loss"] == pytest.approx(ours.loss, abs=1e-5)
+    # and they embed as the checkpoint does (a .txt list of the two files)
+    (tmp_path / "two.txt").write_text(f"{root / 'boot.png'}\n{root / 'pullover.jpg'}\n")
+    theirs, _, _ = load_embeddings(embed(official, tmp_path / "two.txt", tmp_path / "o.safetensors", overrides=sets,
+                                         device="cpu", progress=False))
+    ours, _, paths = load_embeddings(embed(checkpoint, tmp_path / "two.txt", tmp_path / "m.safetensors",
+                                           device="cpu", progress=False))
+    assert paths == [str(root / "boot.png"), str(root / "pullover.jpg")]
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
     # weights whose tensors do not fit the model asked for: an error naming the file and the shapes
     assert main(["reconstruct", str(official), str(root / "boot.png"), "--out", str(tmp_path / "p"),
                  *args, "--set", "model.mlp_ratio=2.0"]) == 2

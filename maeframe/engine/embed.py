@@ -26,7 +26,7 @@ from ..build import Prepared, build_dataset
 from ..dataset import Dataset
 from ..errors import MaeframeError
 from ..recipe import EncoderConfig
-from ..recipe_file import read_recipe_tree
+from ..recipe_file import apply_override, read_recipe_tree
 from .distributed import World, barrier, init_world, map_dataset, shutdown_world
 from .embed_downstream import downstream_features
 from .embed_store import assemble, chunk_done, fingerprint, write_chunk
@@ -88,6 +88,8 @@ def embed(weights: str | Path, data: str | Path, out: str | Path, *, format: str
     if not (from_recipe or data.is_dir() or data.suffix.lower() in LIST_SUFFIXES):
         raise MaeframeError(f"{data}: DATA is a recipe (.yaml), a folder or a file list (.txt, .csv)")
     opened = open_weights(weights, format)
+    for assignment in overrides:  # --set changes the weights' recipe, as for reconstruct
+        apply_override(opened.tree, assignment)
     data_ref, plugins = None, []
     if from_recipe:
         recipe = read_recipe_tree(data)
@@ -95,8 +97,7 @@ def embed(weights: str | Path, data: str | Path, out: str | Path, *, format: str
         if not isinstance(data_ref, dict):
             raise MaeframeError(f"{data}: has no data.{split} section")
         plugins = list(recipe.get("plugins") or [])
-    prepared = prepare_tree(opened, knn_tree(opened, data_ref, plugins, pool, device, batch_size, num_workers),
-                            list(overrides))
+    prepared = prepare_tree(opened, knn_tree(opened, data_ref, plugins, pool, device, batch_size, num_workers))
     runtime = select_runtime(prepared.recipe.runtime)
     world = init_world(runtime.device.type)
     if world.distributed and runtime.device.type == "cuda":
