@@ -9,7 +9,7 @@ from typing import Any
 from torch import Tensor
 
 from maeframe import EncoderLayout, WeightFormat, hookimpl
-from maeframe.interop import InteropError, infer_config, load_checkpoint, official_to_maeframe, read_official
+from maeframe.interop import InteropError, checkpoint_entry, infer_config, load_checkpoint, official_to_maeframe, read_official
 
 from .official_av import audiomae_to_maeframe, read_reference, videomae_positions, videomae_to_maeframe
 
@@ -49,7 +49,7 @@ class MaeframeWeights(WeightFormat):
     def recipe_for(self, path: Path) -> dict[str, Any]:
         """The recipe the checkpoint's run recorded (a pretraining or a downstream one)."""
         try:
-            return load_checkpoint(path)["recipe"]
+            return checkpoint_entry(path, "recipe")
         except ValueError as err:
             raise InteropError(str(err)) from None
 

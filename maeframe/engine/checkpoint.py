@@ -79,6 +79,26 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
+def checkpoint_entry(path: str | Path, key: str) -> Any:
+    """One entry of a checkpoint ("recipe", "components", "step", ...; None when absent) without loading its
+    tensors: a file is memory-mapped, a DCP directory's run state is read."""
+    path = Path(path)
+    if path.is_dir():
+        if not is_complete(path):
+            raise FileNotFoundError(f"checkpoint directory {str(path)!r} is incomplete or not a DCP checkpoint")
+        return read_run_state(path).get(key)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # not torch.save's zip format (which mmap needs)
+        state = None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a maeframe checkpoint (official MAE weights load with "
+                         f"maeframe.interop.load_official_mae)")
+    return state.get(key)
+
+
 def remove_stale_temporaries(folder: Path) -> None:
     """Delete temp files and DCP temp directories a killed process left mid-write, and previous DCP
     checkpoints set aside whose replacement is complete (the checkpoints themselves are intact)."""

@@ -21,7 +21,7 @@ from ..recipe import parse_recipe
 from ..recipe_file import apply_override
 from ..registry import Registry
 from ..weights import WeightFormat
-from .checkpoint import FORMAT
+from .checkpoint import FORMAT, checkpoint_entry
 
 AUTO = "auto"
 
@@ -120,9 +120,7 @@ def restore_component_states(weights: Weights, prepared: Prepared, masker_change
     into the prepared components; the masker's only when it is still the checkpoint's."""
     if weights.format != "maeframe":
         return
-    from .checkpoint import load_checkpoint
-
-    saved = load_checkpoint(weights.path).get("components", {})
+    saved = checkpoint_entry(weights.path, "components") or {}
     c = prepared.components
     parts = {"target": ("target", c.target), **{f"loss.{i}": (f"losses.{i}", loss) for i, (_, _, loss) in
                                                 enumerate(c.losses)}}

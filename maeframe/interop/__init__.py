@@ -1,9 +1,9 @@
 """Interoperability: maeframe checkpoints, reference MAE (facebookresearch/mae) weights in and out, timm encoder
 export. Other projects' weights come in through weight-format plugins (`maeframe.WeightFormat`)."""
-from ..engine.checkpoint import load_checkpoint
+from ..engine.checkpoint import checkpoint_entry, load_checkpoint
 from .official_mae import (InteropError, infer_config, load_official_mae, maeframe_to_official,
                            official_to_maeframe, read_official)
 from .timm_export import TimmExport, export_encoder
 
-__all__ = ["InteropError", "infer_config", "load_checkpoint", "load_official_mae", "maeframe_to_official",
+__all__ = ["InteropError", "checkpoint_entry", "infer_config", "load_checkpoint", "load_official_mae", "maeframe_to_official",
            "official_to_maeframe", "read_official", "export_encoder", "TimmExport"]
