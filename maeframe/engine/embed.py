@@ -82,6 +82,8 @@ def embed(weights: str | Path, data: str | Path, out: str | Path, *, format: str
     if pool not in POOLS:
         raise MaeframeError(f"--pool {pool!r}: choose one of {', '.join(POOLS)}")
     data, out = Path(data), Path(out)
+    if chunk_size < 1 or batch_size < 1:
+        raise MaeframeError(f"--chunk-size {chunk_size} / --batch-size {batch_size}: both must be at least 1")
     if not data.exists():
         raise FileNotFoundError(f"data {str(data)!r} does not exist")
     from_recipe = data.suffix.lower() in RECIPE_SUFFIXES
@@ -113,6 +115,9 @@ def embed(weights: str | Path, data: str | Path, out: str | Path, *, format: str
                          "format": opened.format, "data": data_facts, "pool": pool, "chunk_size": chunk_size,
                          "rows": len(dataset), "overrides": list(overrides), "precision": runtime.precision})
     count = len(dataset)
+    if count == 0 or dataset.views > 1:
+        raise MaeframeError(f"{data}: {'holds no sample' if count == 0 else f'gives {dataset.views} test views per sample'}"
+                            f"; embed takes one feature per sample (set test_clips / test_crops to 1)")
     chunks = -(-count // chunk_size)
     bar = tqdm(total=count, unit="sample", desc="embed", disable=not (progress and world.is_main))
     for index in range(world.rank, chunks, world.world_size):
