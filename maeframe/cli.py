@@ -128,8 +128,19 @@ def cmd_new_plugin(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "hf":
+        from .interop.hf_export import export_hf
+
+        if args.timm_name:
+            raise MaeframeError("--timm-name is for --format timm")
+        export = export_hf(args.checkpoint, args.output, encoder_only=args.encoder_only)
+        print(f"wrote {export.path} (config.json, model.safetensors); load it in transformers with:")
+        print(f"import transformers; model = {export.load_call()}")
+        return 0
     from .interop.timm_export import export_encoder
 
+    if args.encoder_only:
+        raise MaeframeError("--encoder-only is for --format hf (timm exports are encoder-only)")
     export = export_encoder(args.checkpoint, args.output, args.timm_name)
     guess = "" if export.heads_known else (" (num_heads is inferred: reference weights do not store it; use the "
                                            "value the encoder was trained with)")
@@ -231,11 +242,20 @@ def build_parser() -> argparse.ArgumentParser:
     new_plugin.add_argument("--dir", default=".", help="folder to create the distribution in (default: .)")
     new_plugin.set_defaults(func=cmd_new_plugin)
 
-    export = sub.add_parser("export", help="write the encoder as timm-loadable safetensors",
-                            description="Export a checkpoint's encoder to safetensors in timm's ViT layout.")
+    export = sub.add_parser("export", help="write the encoder for timm, or the model for Hugging Face transformers",
+                            description="Export a checkpoint's encoder to safetensors in timm's ViT layout "
+                                        "(--format timm), or a directory Hugging Face transformers loads "
+                                        "(--format hf): ViTMAEForPreTraining (encoder and decoder) or, with "
+                                        "--encoder-only, ViTModel.")
     export.add_argument("checkpoint", help="maeframe checkpoint (e.g. runs/NAME/last.pt, or last.dcp of an fsdp "
-                                           "run) or official MAE .pth")
-    export.add_argument("output", help="output .safetensors path")
+                                           "run); --format timm also reads an official MAE .pth")
+    export.add_argument("output", help="output .safetensors path (timm) or directory (hf)")
+    export.add_argument("--format", choices=["timm", "hf"], default="timm",
+                        help="timm: safetensors for timm.create_model (default); hf: a transformers directory "
+                             "(config.json + model.safetensors)")
+    export.add_argument("--encoder-only", action="store_true",
+                        help="hf: write only the encoder, as ViTModel (any checkpoint with a ViT encoder, e.g. a "
+                             "fine-tuned one)")
     export.add_argument("--timm-name", help="timm architecture (default: inferred, e.g. vit_base_patch16_224)")
     export.set_defaults(func=cmd_export)
 

@@ -62,7 +62,7 @@ def test_task_union_picks_the_schema_and_keeps_field_paths():
     assert type(load_recipe(KNN)) is KnnRecipe
     cases = [(FINETUNE, "optim.epochz=3", "optim.epochz", "Extra inputs"),
              (FINETUNE, "task=regress", "task", "task must be one of pretrain, finetune, linprobe, knn"),
-             (FINETUNE, "init.format=official", "init.format", "registered weight_formats: maeframe, official_audiomae, official_mae, official_videomae"),
+             (FINETUNE, "init.format=official", "init.format", "registered weight_formats: hf, hf_videomae, maeframe, official_audiomae, official_mae, official_videomae"),
              (FINETUNE, "init.checkpoint=null", "init", "needs a checkpoint path"),
              (FINETUNE, "data.batch_size=15", "data.batch_size", "even batch size"),
              (FINETUNE, "augment.rand_augment=rand-m9-zz3", "augment.rand_augment", "not a timm RandAugment spec"),
