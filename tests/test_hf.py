@@ -232,3 +232,32 @@ def test_hf_directory_errors_name_file_tensor_and_reason(tmp_path):
     with pytest.raises(InteropError, match=r"blocks.1.attn.qkv has only \['attention.attention.query', "
                                            r"'attention.attention.value'\] of query, key and value"):
         fmt.read(tmp_path / "vit", spec, EncoderConfig(embed_dim=32, depth=2, num_heads=2), {})
+
+
+def test_hf_videomae_directory_matches_videomae_model(tmp_path):
+    from transformers import VideoMAEConfig, VideoMAEForPreTraining
+
+    from maeframe.model.classifier import Classifier
+    from maeframe.interop.encoder_weights import load_encoder
+    from maeframe_plugins.hf_weights import HFVideoMAEWeights
+    from maeframe_plugins.video import VideoTubeOptions, VideoTubeTokenizer
+
+    config = VideoMAEConfig(hidden_size=36, num_hidden_layers=2, num_attention_heads=2, intermediate_size=144,
+                            image_size=16, patch_size=8, num_channels=3, num_frames=4, tubelet_size=2,
+                            layer_norm_eps=1e-6, decoder_hidden_size=16, decoder_num_hidden_layers=1,
+                            decoder_num_attention_heads=2, decoder_intermediate_size=64)
+    torch.manual_seed(0)
+    hf = perturbed(VideoMAEForPreTraining(config))  # use_mean_pooling: no final norm, as maeframe's avg pool
+    hf.save_pretrained(str(tmp_path / "videomae"))
+    tok = VideoTubeTokenizer(VideoTubeOptions(num_frames=4, image_size=16, patch_size=8, tubelet=2, channels=3))
+    fmt, encoder = HFVideoMAEWeights(Options()), EncoderConfig(embed_dim=36, depth=2, num_heads=2)  # 3-D: 6 | width
+    classifier = Classifier(tok.spec, encoder, num_classes=3, layout=fmt.layout).eval()
+    assert load_encoder(classifier, fmt.read(tmp_path / "videomae", tok.spec, encoder, {}), "videomae") == []
+    clips = torch.randn(2, 3, 4, 16, 16, generator=torch.Generator().manual_seed(3))  # [B, C, T, H, W]
+    with torch.no_grad():
+        theirs = hf.videomae(pixel_values=clips.transpose(1, 2)).last_hidden_state  # transformers: [B, T, C, H, W]
+        patches, ours = tok.tokenize(clips).patches, classifier.encoder
+        tokens = ours.blocks(ours.patch_embed(patches) + ours.pos_embed)
+    torch.testing.assert_close(tokens, theirs, atol=1e-5, rtol=0)
+    with pytest.raises(InteropError, match=r"videomae/config.json: a VideoMAE model.*init.format: hf_videomae"):
+        HFWeights(Options()).read(tmp_path / "videomae", tok.spec, encoder, {})
