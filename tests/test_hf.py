@@ -261,3 +261,28 @@ def test_hf_videomae_directory_matches_videomae_model(tmp_path):
     torch.testing.assert_close(tokens, theirs, atol=1e-5, rtol=0)
     with pytest.raises(InteropError, match=r"videomae/config.json: a VideoMAE model.*init.format: hf_videomae"):
         HFWeights(Options()).read(tmp_path / "videomae", tok.spec, encoder, {})
+
+
+def test_spectrogram_encoder_exports_as_a_non_square_vit(tmp_path):
+    """A (time, frequency) grid: transformers has no AudioMAE, but its ViTModel computes this encoder
+    exactly on a [B, 1, T, F] input; the decoder (ViTMAE's loss patchifies square images) is refused."""
+    from maeframe_plugins.audio import SpectrogramOptions, SpectrogramTokenizer
+
+    tok = SpectrogramTokenizer(SpectrogramOptions(target_length=48, num_mel_bins=16, patch_size=8))
+    spec = tok.spec
+    model = perturbed(MaskedAutoencoder(spec, spec.patch_dim, CONFIG))
+    model.config = CONFIG
+    write_checkpoint(tmp_path / "audio.pt", model, tokenizer_ref=ComponentRef(
+        name="spectrogram", options={"target_length": 48, "num_mel_bins": 16, "patch_size": 8}))
+    with pytest.raises(InteropError, match=r"square images.*\(6, 2\).*--encoder-only"):
+        export_hf(tmp_path / "audio.pt", tmp_path / "x")
+    export_hf(tmp_path / "audio.pt", tmp_path / "enc", encoder_only=True)
+    assert json.loads((tmp_path / "enc" / "config.json").read_text())["image_size"] == [48, 16]
+    fbank = torch.randn(2, 1, 48, 16, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        theirs = loaded(ViTModel, tmp_path / "enc", add_pooling_layer=False)(pixel_values=fbank).last_hidden_state
+        ours = model.encoder(tok.tokenize(fbank).patches)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+    weights = HFWeights(Options()).read(tmp_path / "enc", spec, CONFIG, {})  # and back, bit for bit
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items() if k in weights)
+    assert len(weights) == len([k for k in model.state_dict() if k.startswith("encoder.")])
