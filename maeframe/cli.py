@@ -178,9 +178,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_export_classifier(args: argparse.Namespace) -> int:
-    from .interop.export_classifier import export_classifier
+    from .interop.export_classifier import FORMATS, export_classifier
 
-    formats = tuple(f for f in ("torchscript", "onnx") if f not in args.skip)
+    formats = tuple(f for f in FORMATS if f not in args.skip)
     facts = export_classifier(args.checkpoint, args.out_dir, formats, ema=args.ema, atol=args.atol)
     diffs = ", ".join(f"{k} max |diff| {v:.2e}" for k, v in facts["max_abs_diff"].items())
     print(f"wrote {', '.join(facts['files'])} and classifier.json to {args.out_dir}: inputs "
@@ -267,16 +267,18 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("output", help="output file, e.g. runs/NAME/last.pt")
     convert.set_defaults(func=cmd_convert_checkpoint)
 
-    export_cls = sub.add_parser("export-classifier", help="write a fine-tuned classifier as TorchScript and ONNX",
+    export_cls = sub.add_parser("export-classifier",
+                                help="write a fine-tuned classifier as TorchScript, ONNX and torch.export",
                                 description="Export a finetune/linprobe checkpoint as OUT_DIR/classifier.pt "
-                                            "(TorchScript) and classifier.onnx, inputs [B, *input_shape] "
-                                            "normalised as the eval data -> logits; both are checked against "
-                                            "PyTorch on the same batch. Classes and normalisation go to "
-                                            "classifier.json.")
+                                            "(TorchScript), classifier.onnx and classifier.pt2 (torch.export, "
+                                            "dynamic batch; torch.export.load(path).module()), inputs "
+                                            "[B, *input_shape] normalised as the eval data -> logits; each is "
+                                            "checked against PyTorch on a batch of another size. Classes and "
+                                            "normalisation go to classifier.json.")
     export_cls.add_argument("checkpoint", help="runs/NAME/best.pt or last.pt of a finetune or linprobe run")
     export_cls.add_argument("out_dir", help="output folder")
     export_cls.add_argument("--ema", action="store_true", help="export the EMA weights (runs with `ema`)")
-    export_cls.add_argument("--skip", action="append", default=[], choices=["torchscript", "onnx"],
+    export_cls.add_argument("--skip", action="append", default=[], choices=["torchscript", "onnx", "torch_export"],
                             help="leave out one format (repeatable)")
     export_cls.add_argument("--atol", type=float, default=1e-4, help="max abs logit difference allowed (1e-4)")
     export_cls.set_defaults(func=cmd_export_classifier)

@@ -334,7 +334,7 @@ def test_finetune_counts_unreadable_samples(tmp_path, pretrained, monkeypatch):
     assert [line["bad_samples"] for line in lines if "loss" in line][:2] == [16, 32]
 
 
-def test_export_torchscript_and_onnx_match_pytorch(tmp_path, pretrained, capsys):
+def test_export_torchscript_onnx_and_torch_export_match_pytorch(tmp_path, pretrained, capsys):
     from maeframe.interop.export_classifier import load_classifier  # onnx, onnxscript, onnxruntime: dev extra
 
     FineTuner(prepare(FINETUNE, overrides(tmp_path, pretrained, "head.init_std=0.5", "runtime.max_steps=2"))).train()
@@ -355,6 +355,11 @@ def test_export_torchscript_and_onnx_match_pytorch(tmp_path, pretrained, capsys)
     session = onnxruntime.InferenceSession(str(tmp_path / "export" / "classifier.onnx"))
     got = torch.from_numpy(session.run(None, {"inputs": inputs.numpy()})[0])
     assert torch.allclose(got, expected, atol=1e-4)
+    assert facts["files"] == ["classifier.pt", "classifier.onnx", "classifier.pt2"]
+    assert facts["max_abs_diff"]["torch_export"] <= 1e-4
+    program = torch.export.load(str(tmp_path / "export" / "classifier.pt2")).module()
+    assert torch.allclose(program(inputs), expected, atol=1e-4)  # batch 5: the exports were traced with 2
+    assert torch.allclose(program(inputs[:1]), expected[:1], atol=1e-4)
     assert main(["export-classifier", str(tmp_path / "finetune_fmnist" / "last.pt"), str(tmp_path / "x"), "--ema"]) == 2
 
 
@@ -369,7 +374,8 @@ def test_export_classifier_help(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["export-classifier", "--help"])
     assert exit_.value.code == 0
-    assert "TorchScript" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "TorchScript" in out and "torch.export" in out and "torch_export" in out
 
 
 def class_folders(root, classes, per_class=6):
