@@ -198,7 +198,7 @@ def check_hf_config(config: dict[str, Any], config_file: Path, patch: tuple[int,
     Every difference is listed with the recipe field to change."""
     want = {"hidden_size": ("model.embed_dim", model.embed_dim), "num_hidden_layers": ("model.depth", model.depth),
             "num_attention_heads": ("model.num_heads", model.num_heads),
-            "intermediate_size": ("model.mlp_ratio", int(round(model.embed_dim * model.mlp_ratio))),
+            "intermediate_size": ("model.mlp_ratio × model.embed_dim", int(round(model.embed_dim * model.mlp_ratio))),
             "num_channels": ("tokenizer.options.channels", channels)}
     problems = [f"{key} is {config.get(key)!r}, the recipe's {field} gives {value!r}"
                 for key, (field, value) in want.items() if config.get(key) != value]

@@ -58,10 +58,15 @@ def _decoder_problem(recipe, spec, target) -> str | None:
 
 
 def _mask_ratio(masker, num_tokens: int) -> float:
-    """ViTMAE's mask_ratio keeping as many tokens as the recipe's masker (int(N · (1 - ratio)) visible)."""
+    """The shortest decimal ViTMAE mask_ratio that keeps as many tokens visible as the recipe's masker:
+    int(N · (1 - ratio)) == visible (e.g. 0.75 for 12 of 49); 0.75 when the masker's count is not fixed."""
     visible = masker.visible_tokens() if masker is not None else None
     if visible is None:
         return 0.75
+    for digits in range(1, 10):
+        ratio = math.floor((1 - visible / num_tokens) * 10 ** digits) / 10 ** digits
+        if int(num_tokens * (1 - ratio)) == visible:
+            return ratio
     ratio = 1 - visible / num_tokens
     while int(num_tokens * (1 - ratio)) < visible:  # float rounding: step down until the count is exact
         ratio = math.nextafter(ratio, 0.0)
@@ -134,8 +139,12 @@ def _write_directory(output: Path, config: dict, tensors: dict, source: Path) ->
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
     try:
+        umask = os.umask(0)
+        os.umask(umask)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt", "source": source.name})
+        for item, mode in ((tmp, 0o777), (tmp / "config.json", 0o666), (tmp / "model.safetensors", 0o666)):
+            item.chmod(mode & ~umask)  # mkdtemp makes the directory private; give it the usual permissions
         if output.exists():
             old = output.with_name(f".{output.name}.old")
             shutil.rmtree(old, ignore_errors=True)
