@@ -64,7 +64,8 @@ def official_to_hf(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
         match = re.match(r"^(decoder_blocks|blocks)\.(\d+)\.(.*)$", key)
         if match:
             where, index, rest = match.groups()
-            layer = f"decoder.decoder_layers.{index}." if where == "decoder_blocks" else f"{prefix}encoder.layer.{index}."
+            decoder = where == "decoder_blocks"
+            layer = f"decoder.decoder_layers.{index}." if decoder else f"{prefix}encoder.layer.{index}."
             if rest.startswith("attn.qkv."):
                 for name, part in zip(QKV, value.chunk(3, dim=0)):
                     out[f"{layer}{name}.{rest.rsplit('.', 1)[1]}"] = part.contiguous()
@@ -198,7 +199,7 @@ def check_hf_config(config: dict[str, Any], config_file: Path, patch: tuple[int,
     Every difference is listed with the recipe field to change."""
     want = {"hidden_size": ("model.embed_dim", model.embed_dim), "num_hidden_layers": ("model.depth", model.depth),
             "num_attention_heads": ("model.num_heads", model.num_heads),
-            "intermediate_size": ("model.mlp_ratio × model.embed_dim", int(round(model.embed_dim * model.mlp_ratio))),
+            "intermediate_size": ("model.mlp_ratio × embed_dim", int(round(model.embed_dim * model.mlp_ratio))),
             "num_channels": ("tokenizer.options.channels", channels)}
     problems = [f"{key} is {config.get(key)!r}, the recipe's {field} gives {value!r}"
                 for key, (field, value) in want.items() if config.get(key) != value]

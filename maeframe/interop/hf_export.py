@@ -58,12 +58,13 @@ def _decoder_problem(recipe, spec, target) -> str | None:
 
 
 def _mask_ratio(masker, num_tokens: int) -> float:
-    """The shortest decimal ViTMAE mask_ratio that keeps as many tokens visible as the recipe's masker:
-    int(N · (1 - ratio)) == visible (e.g. 0.75 for 12 of 49); 0.75 when the masker's count is not fixed."""
+    """A ViTMAE mask_ratio that keeps as many tokens visible as the recipe's masker, int(N · (1 - ratio)) ==
+    visible: the largest with 2 decimals (else 3, ...), e.g. 0.75 for 4 of 16 and for 12 of 49; 0.75 when the
+    masker's count is not fixed (transformers only uses it when no noise is given)."""
     visible = masker.visible_tokens() if masker is not None else None
     if visible is None:
         return 0.75
-    for digits in range(1, 10):
+    for digits in range(2, 10):
         ratio = math.floor((1 - visible / num_tokens) * 10 ** digits) / 10 ** digits
         if int(num_tokens * (1 - ratio)) == visible:
             return ratio
