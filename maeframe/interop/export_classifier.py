@@ -103,8 +103,8 @@ def export_torch_export(model: TokenizedClassifier, path: Path) -> Path:
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> Path:
-    """`write(tmp)` a temporary sibling of `path`, then rename it to `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """`write(tmp)` a temporary sibling of `path` (same suffix: torch.export.save wants .pt2), then rename it."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
