@@ -198,7 +198,10 @@ def test_finetune_from_a_transformers_written_vitmae(tmp_path):
             tuned = trainer.model.state_dict()
             assert all(torch.equal(tuned[k], v) for k, v in weights.items() if k in tuned)
     trainer.train()
-    assert load_checkpoint(tmp_path / "runs" / "finetune_fmnist" / "last.pt")["step"] == 2
+    tuned = tmp_path / "runs" / "finetune_fmnist" / "last.pt"
+    assert load_checkpoint(tuned)["step"] == 2
+    with pytest.raises(InteropError, match="no final norm"):  # avg pooling: ViTModel cannot drop its layernorm
+        export_hf(tuned, tmp_path / "tuned", encoder_only=True)
 
 
 def test_hf_directory_errors_name_file_tensor_and_reason(tmp_path):

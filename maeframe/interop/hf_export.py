@@ -98,6 +98,10 @@ def export_hf(checkpoint_path: str | Path, output_dir: str | Path, encoder_only:
     model = state["model"]
     if not any(k.startswith("encoder.") for k in model) or "encoder.cls_token" not in model:
         raise InteropError(f"{source}: holds no maeframe encoder with a cls token (a k-NN or pixel-feature run?)")
+    if "encoder.norm.weight" not in model:
+        raise InteropError(f"{source}: its encoder has no final norm (average pooling replaced it by fc_norm), "
+                           f"while transformers' ViTModel always applies one; export the pretraining checkpoint "
+                           f"it was fine-tuned from, or fine-tune with head.pool: cls")
     problem = None if encoder_only else _decoder_problem(recipe, spec, components.target)
     if not encoder_only and not any(k.startswith("decoder.") for k in model):
         problem = f"it is a {state.get('task', 'downstream')} checkpoint without a decoder"
