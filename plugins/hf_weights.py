@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from maeframe import EncoderLayout, WeightFormat, hookimpl
-from maeframe.interop import (InteropError, check_hf_config, hf_grid, hf_to_official, official_to_maeframe,
+from maeframe.interop import (InteropError, check_hf_config, check_hf_shapes, hf_grid, hf_to_official, official_to_maeframe,
                               read_hf_directory)
 from maeframe.interop.hf import BLOCK, NEWER_NAMES
 
@@ -48,6 +48,7 @@ class HFWeights(WeightFormat):
             raise InteropError(f"{config_file}: a 2-D ViT, but the recipe's token grid {spec.grid} is not 2-D")
         grid, patch = hf_grid(config, config_file)
         check_hf_config(config, config_file, patch, spec.patch_size, spec.channels, model)
+        check_hf_shapes(tensors, config, str(path))
         reference = {k: v for k, v in hf_to_official(tensors, str(path)).items()
                      if not k.startswith(("decoder_", "mask_token"))}
         try:

@@ -289,3 +289,19 @@ def test_spectrogram_encoder_exports_as_a_non_square_vit(tmp_path):
     weights = HFWeights(Options()).read(tmp_path / "enc", spec, CONFIG, {})  # and back, bit for bit
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items() if k in weights)
     assert len(weights) == len([k for k in model.state_dict() if k.startswith("encoder.")])
+
+
+def test_tensor_shapes_that_contradict_config_json_are_named(tmp_path):
+    model = mae()
+    write_checkpoint(tmp_path / "last.pt", model)
+    export_hf(tmp_path / "last.pt", tmp_path / "hf", encoder_only=True)
+    tensors = safetensors.torch.load_file(tmp_path / "hf" / "model.safetensors")
+    tensors["embeddings.cls_token"] = torch.zeros(1, 1, 48)
+    tensors["encoder.layer.1.intermediate.dense.weight"] = torch.zeros(64, 32)
+    safetensors.torch.save_file(tensors, tmp_path / "hf" / "model.safetensors")
+    with pytest.raises(InteropError, match=r"hf: tensors whose shapes contradict config.json: "
+                                           r"embeddings.cls_token \[1, 1, 48\] \(config.json implies \[1, 1, 32\]\); "
+                                           r"encoder.layer.1.intermediate.dense.weight \[64, 32\] \(config.json "
+                                           r"implies \[128, 32\]\)"):
+        HFWeights(Options()).read(tmp_path / "hf", tokenizer().spec, EncoderConfig(embed_dim=32, depth=2,
+                                                                                    num_heads=2), {})

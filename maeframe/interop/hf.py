@@ -127,6 +127,44 @@ def hf_to_official(state: dict[str, Tensor], source: str) -> dict[str, Tensor]:
     return out
 
 
+def encoder_shapes(config: dict[str, Any], prefix: str) -> dict[str, tuple[int, ...]]:
+    """The transformers 4.x names and shapes of the ViT encoder config.json describes (prefix P as above)."""
+    (gh, gw), (p, q) = hf_grid(config, Path("config.json"))
+    width, inner = config.get("hidden_size", 768), config.get("intermediate_size", 3072)
+    depth = config.get("num_hidden_layers", 12)
+    shapes: dict[str, tuple[int, ...]] = {
+        "embeddings.cls_token": (1, 1, width), "embeddings.position_embeddings": (1, 1 + gh * gw, width),
+        "embeddings.patch_embeddings.projection.weight": (width, config.get("num_channels", 3), p, q),
+        "embeddings.patch_embeddings.projection.bias": (width,), "layernorm.weight": (width,),
+        "layernorm.bias": (width,)}
+    for i in range(depth):
+        layer = f"encoder.layer.{i}."
+        for name in (*QKV, "attention.output.dense"):
+            shapes |= {f"{layer}{name}.weight": (width, width), f"{layer}{name}.bias": (width,)}
+        shapes |= {f"{layer}intermediate.dense.weight": (inner, width), f"{layer}intermediate.dense.bias": (inner,),
+                   f"{layer}output.dense.weight": (width, inner), f"{layer}output.dense.bias": (width,)}
+        shapes |= {f"{layer}{norm}.{t}": (width,) for norm in ("layernorm_before", "layernorm_after")
+                   for t in ("weight", "bias")}
+    return {prefix + name: shape for name, shape in shapes.items()}
+
+
+def check_hf_shapes(tensors: dict[str, Tensor], config: dict[str, Any], source: str) -> None:
+    """Every encoder tensor has the shape config.json implies (4.x or 5.x names); a tensor that is absent is
+    left to the conversion (biases of qkv_bias false) or to the encoder load, which names it."""
+    prefix = "vit." if any(k.startswith("vit.") for k in tensors) else ""
+    expected = encoder_shapes(config, prefix)
+    wrong = []
+    for original, value in tensors.items():
+        key = original
+        for pattern, replacement in NEWER_NAMES:
+            key = re.sub(pattern, replacement, key)
+        if key in expected and tuple(value.shape) != expected[key]:
+            wrong.append(f"{original} {list(value.shape)} (config.json implies {list(expected[key])})")
+    if wrong:
+        raise InteropError(f"{source}: tensors whose shapes contradict config.json: " + "; ".join(wrong[:4])
+                           + (f"; ... {len(wrong) - 4} more" if len(wrong) > 4 else ""))
+
+
 def vit_config(*, width: int, depth: int, heads: int, mlp_ratio: float, image_size: tuple[int, int],
                patch_size: int, channels: int) -> dict[str, Any]:
     """The config.json fields (present in transformers 4.40 .. 5.x) describing maeframe's encoder as a ViT."""
