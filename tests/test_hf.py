@@ -200,6 +200,8 @@ def test_finetune_from_a_transformers_written_vitmae(tmp_path):
     trainer.train()
     tuned = tmp_path / "runs" / "finetune_fmnist" / "last.pt"
     assert load_checkpoint(tuned)["step"] == 2
+    with pytest.raises(InteropError, match="a finetune checkpoint without a decoder; pass --encoder-only"):
+        export_hf(tuned, tmp_path / "tuned")
     with pytest.raises(InteropError, match="no final norm"):  # avg pooling: ViTModel cannot drop its layernorm
         export_hf(tuned, tmp_path / "tuned", encoder_only=True)
 

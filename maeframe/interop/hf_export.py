@@ -68,10 +68,7 @@ def _mask_ratio(masker, num_tokens: int) -> float:
         ratio = math.floor((1 - visible / num_tokens) * 10 ** digits) / 10 ** digits
         if int(num_tokens * (1 - ratio)) == visible:
             return ratio
-    ratio = 1 - visible / num_tokens
-    while int(num_tokens * (1 - ratio)) < visible:  # float rounding: step down until the count is exact
-        ratio = math.nextafter(ratio, 0.0)
-    return ratio
+    raise InteropError(f"no mask_ratio keeps {visible} of {num_tokens} tokens visible")  # 9 decimals always do
 
 
 def export_hf(checkpoint_path: str | Path, output_dir: str | Path, encoder_only: bool = False) -> HFExport:
@@ -98,16 +95,18 @@ def export_hf(checkpoint_path: str | Path, output_dir: str | Path, encoder_only:
     model = state["model"]
     if not any(k.startswith("encoder.") for k in model) or "encoder.cls_token" not in model:
         raise InteropError(f"{source}: holds no maeframe encoder with a cls token (a k-NN or pixel-feature run?)")
+    problem = None
+    if not encoder_only:
+        problem = (f"it is a {state.get('task', 'downstream')} checkpoint without a decoder"
+                   if not any(k.startswith("decoder.") for k in model) else
+                   _decoder_problem(recipe, spec, components.target))
+    if problem:
+        raise InteropError(f"{source}: cannot be exported as ViTMAEForPreTraining: {problem}; pass --encoder-only "
+                           f"to export the encoder as ViTModel")
     if "encoder.norm.weight" not in model:
         raise InteropError(f"{source}: its encoder has no final norm (average pooling replaced it by fc_norm), "
                            f"while transformers' ViTModel always applies one; export the pretraining checkpoint "
                            f"it was fine-tuned from, or fine-tune with head.pool: cls")
-    problem = None if encoder_only else _decoder_problem(recipe, spec, components.target)
-    if not encoder_only and not any(k.startswith("decoder.") for k in model):
-        problem = f"it is a {state.get('task', 'downstream')} checkpoint without a decoder"
-    if problem:
-        raise InteropError(f"{source}: cannot be exported as ViTMAEForPreTraining: {problem}; pass --encoder-only "
-                           f"to export the encoder as ViTModel")
     wanted = ("encoder.",) if encoder_only else ("encoder.", "decoder.")
     weights = {k: v.detach().float().cpu().contiguous() for k, v in model.items()
                if k.startswith(wanted) and k not in ("encoder.pos_embed", "decoder.pos_embed")}
