@@ -81,9 +81,9 @@ def export_hf(checkpoint_path: str | Path, output_dir: str | Path, encoder_only:
         state = load_checkpoint(source)
     except FileNotFoundError:
         raise
-    except Exception as err:
-        raise InteropError(f"{source}: not a maeframe checkpoint ({err}); `--format hf` exports maeframe "
-                           f"checkpoints (runs/NAME/last.pt)") from None
+    except Exception as err:  # torch.load / DCP raise many types for foreign files
+        detail = str(err) if str(source) in str(err) else f"{source}: {err}"
+        raise InteropError(f"{detail}; `--format hf` exports maeframe checkpoints (runs/NAME/last.pt)") from None
     recipe = RECIPE_ADAPTER.validate_python(state["recipe"])
     components = prepare(recipe).components
     spec = components.tokenizer.spec
