@@ -22,9 +22,8 @@ import torch
 from torch import Tensor
 
 from maeframe import EncoderLayout, WeightFormat, hookimpl
-from maeframe.interop import (InteropError, check_hf_config, check_hf_shapes, hf_grid, hf_to_official, official_to_maeframe,
-                              read_hf_directory)
-from maeframe.interop.hf import BLOCK, NEWER_NAMES
+from maeframe.interop import (InteropError, canonical_hf_name, check_hf_config, check_hf_shapes, hf_grid,
+                              hf_to_official, official_to_maeframe, read_hf_directory, reference_block_name)
 
 from .official_av import videomae_positions, videomae_to_maeframe
 
@@ -71,9 +70,7 @@ def videomae_reference(tensors: dict[str, Tensor], source: str) -> dict[str, Ten
     qkv: dict[str, dict[str, Tensor]] = {}
     unknown = []
     for original, value in tensors.items():
-        key = original[len("videomae."):] if original.startswith("videomae.") else original
-        for pattern, replacement in NEWER_NAMES:
-            key = re.sub(pattern, replacement, key)
+        key = canonical_hf_name(original[len("videomae."):] if original.startswith("videomae.") else original)
         match = re.match(r"^encoder\.layer\.(\d+)\.(.*)$", key)
         if key.startswith(("decoder.", "encoder_to_decoder.", "mask_token", "fc_norm.", "classifier.")):
             continue
@@ -90,7 +87,7 @@ def videomae_reference(tensors: dict[str, Tensor], source: str) -> dict[str, Ten
                 out[block + names[rest]] = value
             elif part:
                 qkv.setdefault(block + "attn.qkv.weight", {})[part.group(1)] = value
-            elif (name := next((ref + rest[len(hf):] for ref, hf in BLOCK if rest.startswith(hf)), None)) is not None:
+            elif (name := reference_block_name(rest)) is not None:
                 out[block + name] = value
             else:
                 unknown.append(original)

@@ -56,6 +56,19 @@ def _rename(name: str, pairs: list[tuple[str, str]], forward: bool) -> str | Non
     return None
 
 
+def canonical_hf_name(key: str) -> str:
+    """A transformers tensor name in its 4.x form (transformers >= 5 in-memory names are renamed back)."""
+    for pattern, replacement in NEWER_NAMES:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def reference_block_name(rest: str) -> str | None:
+    """The reference name inside a block of a transformers 4.x layer name (`layernorm_before.weight` ->
+    `norm1.weight`), for the one-to-one renamed tensors; None for query/key/value and unknown names."""
+    return _rename(rest, BLOCK, forward=False)
+
+
 def official_to_hf(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     """Reference MAE layout -> transformers 4.x names; `prefix` is P ("vit." for ViTMAE, "" for ViTModel).
     Each qkv [3D, D] (and bias [3D]) is split into query, key and value."""
@@ -91,9 +104,7 @@ def hf_to_official(state: dict[str, Tensor], source: str) -> dict[str, Tensor]:
     qkv: dict[str, dict[str, Tensor]] = {}
     unknown = []
     for original, value in state.items():
-        key = original
-        for pattern, replacement in NEWER_NAMES:
-            key = re.sub(pattern, replacement, key)
+        key = canonical_hf_name(original)
         if prefix and not key.startswith(("vit.", "decoder.")):
             unknown.append(original)
             continue
@@ -105,7 +116,7 @@ def hf_to_official(state: dict[str, Tensor], source: str) -> dict[str, Tensor]:
             part = next((i for i, name in enumerate(QKV) if rest.startswith(name + ".")), None)
             if part is not None:
                 qkv.setdefault(block + "attn.qkv." + rest.rsplit(".", 1)[1], {})[QKV[part]] = value
-            elif (name := _rename(rest, BLOCK, forward=False)) is not None:
+            elif (name := reference_block_name(rest)) is not None:
                 out[block + name] = value
             else:
                 unknown.append(original)
@@ -155,9 +166,7 @@ def check_hf_shapes(tensors: dict[str, Tensor], config: dict[str, Any], source: 
     expected = encoder_shapes(config, prefix)
     wrong = []
     for original, value in tensors.items():
-        key = original
-        for pattern, replacement in NEWER_NAMES:
-            key = re.sub(pattern, replacement, key)
+        key = canonical_hf_name(original)
         if key in expected and tuple(value.shape) != expected[key]:
             wrong.append(f"{original} {list(value.shape)} (config.json implies {list(expected[key])})")
     if wrong:
