@@ -254,8 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="timm: safetensors for timm.create_model (default); hf: a transformers directory "
                              "(config.json + model.safetensors)")
     export.add_argument("--encoder-only", action="store_true",
-                        help="hf: write only the encoder, as ViTModel (any checkpoint with a ViT encoder, e.g. a "
-                             "fine-tuned one)")
+                        help="hf: write only the encoder, as ViTModel (also for non-pixel targets, non-square "
+                             "grids, and fine-tunes with head.pool cls)")
     export.add_argument("--timm-name", help="timm architecture (default: inferred, e.g. vit_base_patch16_224)")
     export.set_defaults(func=cmd_export)
 
