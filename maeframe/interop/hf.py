@@ -210,13 +210,19 @@ def read_hf_directory(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
         raise InteropError(f"{config_file}: missing; a Hugging Face checkpoint directory has a config.json") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise InteropError(f"{config_file}: not valid JSON ({err})") from None
-    index = path / "model.safetensors.index.json"
+    index, legacy = path / "model.safetensors.index.json", path / "pytorch_model.bin"
     if (path / "model.safetensors").is_file():
         files = [path / "model.safetensors"]
     elif index.is_file():
-        files = [path / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    elif (path / "pytorch_model.bin").is_file():
-        return config, torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        try:
+            files = [path / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as err:
+            raise InteropError(f"{index}: not a safetensors index with a weight_map ({err!r})") from None
+    elif legacy.is_file():
+        try:
+            return config, torch.load(legacy, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch.load raises many types for foreign or truncated files
+            raise InteropError(f"{legacy}: cannot be read with torch.load(weights_only=True) ({err})") from None
     else:
         raise InteropError(f"{path}: holds no model.safetensors (nor an index of shards, nor pytorch_model.bin)")
     tensors: dict[str, Tensor] = {}
