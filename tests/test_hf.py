@@ -307,3 +307,14 @@ def test_tensor_shapes_that_contradict_config_json_are_named(tmp_path):
                                            r"implies \[128, 32\]\)"):
         HFWeights(Options()).read(tmp_path / "hf", tokenizer().spec, EncoderConfig(embed_dim=32, depth=2,
                                                                                     num_heads=2), {})
+
+
+def test_sharded_transformers_directory_reads_like_one_file(tmp_path):
+    sizes = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=32,
+                 patch_size=8, num_channels=3, layer_norm_eps=1e-6)
+    model = transformers_directory(tmp_path / "one", ViTModel, ViTConfig(**sizes))
+    model.save_pretrained(str(tmp_path / "sharded"), max_shard_size="30KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    fmt, encoder = HFWeights(Options()), EncoderConfig(embed_dim=32, depth=2, num_heads=2)
+    one, sharded = (fmt.read(tmp_path / name, tokenizer().spec, encoder, {}) for name in ("one", "sharded"))
+    assert one.keys() == sharded.keys() and all(torch.equal(one[k], sharded[k]) for k in one)
