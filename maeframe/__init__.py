@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time `__getattr_
     from .dataset import Dataset
     from .loss import Loss, Prediction, masked_mean
     from .masker import Mask, Masker, visible_count
-    from .target import Target, TargetOut
+    from .target import PatchValues, Target, TargetOut
     from .build import prepare
     from .registry import build_component, component_class
     from .seeding import python_numpy_seeded
@@ -32,7 +32,7 @@ __version__ = "0.1.0"
 _LAZY = {  # public name -> submodule defining it (each imports torch)
     "Component": "component", "Options": "component", "Dataset": "dataset", "Loss": "loss",
     "Prediction": "loss", "masked_mean": "loss", "Mask": "masker", "Masker": "masker",
-    "visible_count": "masker", "Target": "target", "TargetOut": "target", "Tokenizer": "tokenizer",
+    "visible_count": "masker", "Target": "target", "TargetOut": "target", "PatchValues": "target", "Tokenizer": "tokenizer",
     "Tokens": "tokenizer", "TokenSpec": "tokenizer", "as_pair": "tokenizer", "python_numpy_seeded": "seeding",
     "prepare": "build", "build_component": "registry", "component_class": "registry",
     "WeightFormat": "weights", "EncoderLayout": "weights",

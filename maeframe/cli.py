@@ -129,8 +129,19 @@ def cmd_new_plugin(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "hf":
+        from .interop.hf_export import export_hf
+
+        if args.timm_name:
+            raise MaeframeError("--timm-name is for --format timm")
+        export = export_hf(args.checkpoint, args.output, encoder_only=args.encoder_only)
+        print(f"wrote {export.path} (config.json, model.safetensors); load it in transformers with:")
+        print(f"import transformers; model = {export.load_call()}")
+        return 0
     from .interop.timm_export import export_encoder
 
+    if args.encoder_only:
+        raise MaeframeError("--encoder-only is for --format hf (timm exports are encoder-only)")
     export = export_encoder(args.checkpoint, args.output, args.timm_name)
     guess = "" if export.heads_known else (" (num_heads is inferred: reference weights do not store it; use the "
                                            "value the encoder was trained with)")
@@ -168,9 +179,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_export_classifier(args: argparse.Namespace) -> int:
-    from .interop.export_classifier import export_classifier
+    from .interop.export_classifier import FORMATS, export_classifier
 
-    formats = tuple(f for f in ("torchscript", "onnx") if f not in args.skip)
+    formats = tuple(f for f in FORMATS if f not in args.skip)
     facts = export_classifier(args.checkpoint, args.out_dir, formats, ema=args.ema, atol=args.atol)
     diffs = ", ".join(f"{k} max |diff| {v:.2e}" for k, v in facts["max_abs_diff"].items())
     print(f"wrote {', '.join(facts['files'])} and classifier.json to {args.out_dir}: inputs "
@@ -281,11 +292,20 @@ def build_parser() -> argparse.ArgumentParser:
     new_plugin.add_argument("--dir", default=".", help="folder to create the distribution in (default: .)")
     new_plugin.set_defaults(func=cmd_new_plugin)
 
-    export = sub.add_parser("export", help="write the encoder as timm-loadable safetensors",
-                            description="Export a checkpoint's encoder to safetensors in timm's ViT layout.")
+    export = sub.add_parser("export", help="write the encoder for timm, or the model for Hugging Face transformers",
+                            description="Export a checkpoint's encoder to safetensors in timm's ViT layout "
+                                        "(--format timm), or a directory Hugging Face transformers loads "
+                                        "(--format hf): ViTMAEForPreTraining (encoder and decoder) or, with "
+                                        "--encoder-only, ViTModel.")
     export.add_argument("checkpoint", help="maeframe checkpoint (e.g. runs/NAME/last.pt, or last.dcp of an fsdp "
-                                           "run) or official MAE .pth")
-    export.add_argument("output", help="output .safetensors path")
+                                           "run); --format timm also reads an official MAE .pth")
+    export.add_argument("output", help="output .safetensors path (timm) or directory (hf)")
+    export.add_argument("--format", choices=["timm", "hf"], default="timm",
+                        help="timm: safetensors for timm.create_model (default); hf: a transformers directory "
+                             "(config.json + model.safetensors)")
+    export.add_argument("--encoder-only", action="store_true",
+                        help="hf: write only the encoder, as ViTModel (also for non-pixel targets, non-square "
+                             "grids, and fine-tunes with head.pool cls)")
     export.add_argument("--timm-name", help="timm architecture (default: inferred, e.g. vit_base_patch16_224)")
     export.set_defaults(func=cmd_export)
 
@@ -297,16 +317,18 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("output", help="output file, e.g. runs/NAME/last.pt")
     convert.set_defaults(func=cmd_convert_checkpoint)
 
-    export_cls = sub.add_parser("export-classifier", help="write a fine-tuned classifier as TorchScript and ONNX",
+    export_cls = sub.add_parser("export-classifier",
+                                help="write a fine-tuned classifier as TorchScript, ONNX and torch.export",
                                 description="Export a finetune/linprobe checkpoint as OUT_DIR/classifier.pt "
-                                            "(TorchScript) and classifier.onnx, inputs [B, *input_shape] "
-                                            "normalised as the eval data -> logits; both are checked against "
-                                            "PyTorch on the same batch. Classes and normalisation go to "
-                                            "classifier.json.")
+                                            "(TorchScript), classifier.onnx and classifier.pt2 (torch.export, "
+                                            "dynamic batch; torch.export.load(path).module()), inputs "
+                                            "[B, *input_shape] normalised as the eval data -> logits; each is "
+                                            "checked against PyTorch on a batch of another size. Classes and "
+                                            "normalisation go to classifier.json.")
     export_cls.add_argument("checkpoint", help="runs/NAME/best.pt or last.pt of a finetune or linprobe run")
     export_cls.add_argument("out_dir", help="output folder")
     export_cls.add_argument("--ema", action="store_true", help="export the EMA weights (runs with `ema`)")
-    export_cls.add_argument("--skip", action="append", default=[], choices=["torchscript", "onnx"],
+    export_cls.add_argument("--skip", action="append", default=[], choices=["torchscript", "onnx", "torch_export"],
                             help="leave out one format (repeatable)")
     export_cls.add_argument("--atol", type=float, default=1e-4, help="max abs logit difference allowed (1e-4)")
     export_cls.set_defaults(func=cmd_export_classifier)

@@ -216,7 +216,8 @@ class InitConfig(Strict):
     format: str = Field("maeframe", description="the weights' format, a registered weight format "
                                                 "(`maeframe plugins --kind weight_format`): maeframe (a maeframe "
                                                 "checkpoint, runs/NAME/last.pt), official_mae, official_videomae, "
-                                                "official_audiomae (reference .pth files), ...; none: random "
+                                                "official_audiomae (reference .pth files), hf, hf_videomae "
+                                                "(Hugging Face transformers directories), ...; none: random "
                                                 "initialisation (the baseline)")
     checkpoint: str | None = Field(None, description="path of the weights; only the encoder is used")
 

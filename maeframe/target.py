@@ -19,6 +19,15 @@ class TargetOut:
     values: Tensor
 
 
+@dataclass(frozen=True)
+class PatchValues:
+    """A target whose values are the input's own flat patches [B, N, patch_dim]: as they are (norm_pix False),
+    or each patch normalised as (patch - mean) / sqrt(unbiased var + eps) (MAE's norm_pix_loss)."""
+
+    norm_pix: bool
+    eps: float = 1e-6
+
+
 class Target(Component):
     """Builds per-token targets; tells the decoder head its output size through `out_dim`."""
 
@@ -41,6 +50,12 @@ class Target(Component):
     def __call__(self, tokens: Tokens, mask: Mask) -> TargetOut:
         """Called under torch.no_grad() and the step's autocast (a teacher runs in the step's precision);
         targets that need fp32 arithmetic disable autocast locally."""
+
+    @property
+    def patch_values(self) -> PatchValues | None:
+        """What the values are when they are the input patches themselves (see `PatchValues`); None (the
+        default): anything else. Exporters read it, e.g. to set Hugging Face ViTMAE's `norm_pix_loss`."""
+        return None
 
     def reconstruct(self, prediction: Tensor, tokens: Tokens) -> Tensor | None:
         """Map per-token values [B, N, out_dim] (a prediction, or this target's own values) to patch space

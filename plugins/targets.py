@@ -4,7 +4,7 @@ from __future__ import annotations
 from pydantic import Field
 from torch import Tensor
 
-from maeframe import Mask, Options, Target, TargetOut, Tokens, hookimpl
+from maeframe import Mask, Options, PatchValues, Target, TargetOut, Tokens, hookimpl
 
 
 class PixelOptions(Options):
@@ -25,6 +25,10 @@ class PixelTarget(Target):
     @property
     def out_dim(self) -> int:
         return self.tokenizer.spec.patch_dim
+
+    @property
+    def patch_values(self) -> PatchValues:
+        return PatchValues(self.options.norm_pix, self.options.eps)
 
     def _stats(self, patches: Tensor) -> tuple[Tensor, Tensor]:
         mean = patches.mean(dim=-1, keepdim=True)

@@ -62,7 +62,7 @@ def test_task_union_picks_the_schema_and_keeps_field_paths():
     assert type(load_recipe(KNN)) is KnnRecipe
     cases = [(FINETUNE, "optim.epochz=3", "optim.epochz", "Extra inputs"),
              (FINETUNE, "task=regress", "task", "task must be one of pretrain, finetune, linprobe, knn"),
-             (FINETUNE, "init.format=official", "init.format", "registered weight_formats: maeframe, official_audiomae, official_mae, official_videomae"),
+             (FINETUNE, "init.format=official", "init.format", "registered weight_formats: hf, hf_videomae, maeframe, official_audiomae, official_mae, official_videomae"),
              (FINETUNE, "init.checkpoint=null", "init", "needs a checkpoint path"),
              (FINETUNE, "data.batch_size=15", "data.batch_size", "even batch size"),
              (FINETUNE, "augment.rand_augment=rand-m9-zz3", "augment.rand_augment", "not a timm RandAugment spec"),
@@ -334,7 +334,7 @@ def test_finetune_counts_unreadable_samples(tmp_path, pretrained, monkeypatch):
     assert [line["bad_samples"] for line in lines if "loss" in line][:2] == [16, 32]
 
 
-def test_export_torchscript_and_onnx_match_pytorch(tmp_path, pretrained, capsys):
+def test_export_torchscript_onnx_and_torch_export_match_pytorch(tmp_path, pretrained, capsys):
     from maeframe.interop.export_classifier import load_classifier  # onnx, onnxscript, onnxruntime: dev extra
 
     FineTuner(prepare(FINETUNE, overrides(tmp_path, pretrained, "head.init_std=0.5", "runtime.max_steps=2"))).train()
@@ -355,6 +355,11 @@ def test_export_torchscript_and_onnx_match_pytorch(tmp_path, pretrained, capsys)
     session = onnxruntime.InferenceSession(str(tmp_path / "export" / "classifier.onnx"))
     got = torch.from_numpy(session.run(None, {"inputs": inputs.numpy()})[0])
     assert torch.allclose(got, expected, atol=1e-4)
+    assert facts["files"] == ["classifier.pt", "classifier.onnx", "classifier.pt2"]
+    assert facts["max_abs_diff"]["torch_export"] <= 1e-4
+    program = torch.export.load(str(tmp_path / "export" / "classifier.pt2")).module()
+    assert torch.allclose(program(inputs), expected, atol=1e-4)  # batch 5: the exports were traced with 2
+    assert torch.allclose(program(inputs[:1]), expected[:1], atol=1e-4)
     assert main(["export-classifier", str(tmp_path / "finetune_fmnist" / "last.pt"), str(tmp_path / "x"), "--ema"]) == 2
 
 
@@ -369,7 +374,8 @@ def test_export_classifier_help(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["export-classifier", "--help"])
     assert exit_.value.code == 0
-    assert "TorchScript" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "TorchScript" in out and "torch.export" in out and "torch_export" in out
 
 
 def class_folders(root, classes, per_class=6):
