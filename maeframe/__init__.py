@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time `__getattr_
     from .target import Target, TargetOut
     from .build import prepare
     from .registry import build_component, component_class
+    from .run_logger import RunLogger, RunStart
     from .seeding import python_numpy_seeded
     from .weights import EncoderLayout, WeightFormat
     from .tokenizer import Tokenizer, Tokens, TokenSpec, as_pair
@@ -32,7 +33,7 @@ _LAZY = {  # public name -> submodule defining it (each imports torch)
     "visible_count": "masker", "Target": "target", "TargetOut": "target", "Tokenizer": "tokenizer",
     "Tokens": "tokenizer", "TokenSpec": "tokenizer", "as_pair": "tokenizer", "python_numpy_seeded": "seeding",
     "prepare": "build", "build_component": "registry", "component_class": "registry",
-    "WeightFormat": "weights", "EncoderLayout": "weights",
+    "WeightFormat": "weights", "EncoderLayout": "weights", "RunLogger": "run_logger", "RunStart": "run_logger",
 }
 __all__ = [*_LAZY, "hookimpl", "MaeframeError", "OptionError", "PluginError", "RecipeError"]
 

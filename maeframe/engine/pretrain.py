@@ -40,7 +40,8 @@ class Pretrainer(Trainer):
             metrics = {**metrics, **self._monitor(epochs_done, log)}
         pictures = self.world.is_main or self.sharded  # a sharded model's forward needs every rank
         if pictures and (epochs_done % self.recipe.runtime.visualize_interval == 0 or final):
-            self.visualize(self.run_dir.path / "reconstructions" / f"epoch{epochs_done:04d}.png")
+            pictures = self.visualize(self.run_dir.path / "reconstructions" / f"epoch{epochs_done:04d}.png")
+            self.trackers.log_files(self.step, pictures, "reconstructions")
         return metrics, False
 
     def _monitor(self, epochs_done: int, log: MetricsLog | None) -> dict[str, float]:
