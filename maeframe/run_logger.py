@@ -75,24 +75,24 @@ class RunLogger(Component):
 
 def spell_out_loggers(runtime: Any) -> Any:
     """A recipe's `runtime` mapping with `loggers` entries as {name, ...} (a bare name is short for {name}) and
-    the older `tensorboard: true|false` folded in: without `loggers` it means [tensorboard] or []; beside
-    `loggers` it must agree with them (tensorboard listed or not) and is then dropped. The resolved recipe
-    holds `loggers` only. Anything else passes unchanged for the schema to judge."""
+    the older `tensorboard: true|false` folded in: true adds tensorboard to the loggers (at the end) unless
+    they list it, false removes it; without `loggers` that makes [tensorboard] or []. So every recipe written
+    before `loggers` keeps its meaning, and `runtime.tensorboard=false` still turns TensorBoard off beside any
+    other tracker. The resolved recipe holds `loggers` only; anything else is left for the schema to judge."""
     if not isinstance(runtime, dict):
         return runtime
     runtime = dict(runtime)
+    entries = runtime.get("loggers", ["tensorboard"])
+    if isinstance(entries, list):
+        entries = [{"name": item} if isinstance(item, str) else item for item in entries]
     if "tensorboard" in runtime:
         flag = runtime.pop("tensorboard")
         if not isinstance(flag, bool):
             raise ValueError(f"runtime.tensorboard: must be true or false, got {flag!r}")
-        if "loggers" not in runtime:
-            runtime["loggers"] = ["tensorboard"] if flag else []
-        else:
-            names = [item if isinstance(item, str) else item.get("name") if isinstance(item, dict) else None
-                     for item in runtime["loggers"] or []]
-            if flag != ("tensorboard" in names):
-                raise ValueError(f"runtime.tensorboard: {str(flag).lower()} contradicts runtime.loggers {names}; "
-                                 f"remove runtime.tensorboard (runtime.loggers says which trackers run)")
-    if isinstance(runtime.get("loggers"), list):
-        runtime["loggers"] = [{"name": item} if isinstance(item, str) else item for item in runtime["loggers"]]
+        if not isinstance(entries, list):
+            raise ValueError("runtime.loggers: must be a list of logger names or {name, options} entries")
+        listed = [isinstance(item, dict) and item.get("name") == "tensorboard" for item in entries]
+        entries = ([*entries, {"name": "tensorboard"}] if flag and not any(listed) else
+                   [item for item, is_tensorboard in zip(entries, listed) if flag or not is_tensorboard])
+    runtime["loggers"] = entries
     return runtime
