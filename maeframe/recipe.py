@@ -118,8 +118,7 @@ class RuntimeConfig(Strict):
     loggers: list[ComponentRef] = Field(default_factory=lambda: [ComponentRef(name="tensorboard")], description=(
         "experiment trackers that receive every metrics.jsonl line, the recipe, pictures and results (rank 0 "
         "only): names (tensorboard, mlflow, wandb, or a plugin's) or {name, options}; [] = metrics.jsonl "
-        "alone. The older `tensorboard: true|false` still works: true adds tensorboard to the list, false "
-        "takes it out"))
+        "alone. The older `tensorboard: true|false` still works without loggers: [tensorboard] or []"))
     progress_bar: bool = Field(True, description="show a progress bar on the terminal")
     threads: int | None = Field(None, gt=0, description="torch CPU threads per process (null = torch's "
                                                         "default); 1 helps on small CPUs with loader workers")

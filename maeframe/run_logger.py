@@ -16,6 +16,7 @@ Constructing a logger (at validation) must not import its library, touch the net
 from __future__ import annotations
 
 import importlib.util
+import logging
 from abc import abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any, ClassVar
 from .component import Component
 
 STATUSES = ("finished", "failed", "stopped")
+log = logging.getLogger("maeframe.recipe")
 
 
 @dataclass(frozen=True)
@@ -75,24 +77,25 @@ class RunLogger(Component):
 
 def spell_out_loggers(runtime: Any) -> Any:
     """A recipe's `runtime` mapping with `loggers` entries as {name, ...} (a bare name is short for {name}) and
-    the older `tensorboard: true|false` folded in: true adds tensorboard to the loggers (at the end) unless
-    they list it, false removes it; without `loggers` that makes [tensorboard] or []. So every recipe written
-    before `loggers` keeps its meaning, and `runtime.tensorboard=false` still turns TensorBoard off beside any
-    other tracker. The resolved recipe holds `loggers` only; anything else is left for the schema to judge."""
+    the older `tensorboard: true|false` folded in: without `loggers` it means [tensorboard] or []; beside
+    `loggers`, the list decides, and a `tensorboard` that disagrees with it is named in a warning. So every
+    recipe written before `loggers` keeps its meaning, and `runtime.loggers=[...]` on the command line says
+    exactly which trackers run. The resolved recipe holds `loggers` only; anything else is left for the
+    schema to judge."""
     if not isinstance(runtime, dict):
         return runtime
     runtime = dict(runtime)
-    entries = runtime.get("loggers", ["tensorboard"])
-    if isinstance(entries, list):
-        entries = [{"name": item} if isinstance(item, str) else item for item in entries]
     if "tensorboard" in runtime:
         flag = runtime.pop("tensorboard")
         if not isinstance(flag, bool):
             raise ValueError(f"runtime.tensorboard: must be true or false, got {flag!r}")
-        if not isinstance(entries, list):
-            raise ValueError("runtime.loggers: must be a list of logger names or {name, options} entries")
-        listed = [isinstance(item, dict) and item.get("name") == "tensorboard" for item in entries]
-        entries = ([*entries, {"name": "tensorboard"}] if flag and not any(listed) else
-                   [item for item, is_tensorboard in zip(entries, listed) if flag or not is_tensorboard])
-    runtime["loggers"] = entries
+        if "loggers" not in runtime:
+            runtime["loggers"] = ["tensorboard"] if flag else []
+        elif isinstance(runtime["loggers"], list):
+            names = [item.get("name") if isinstance(item, dict) else item for item in runtime["loggers"]]
+            if flag != ("tensorboard" in names):
+                log.warning("runtime.tensorboard: %s is ignored: runtime.loggers %s says which trackers run "
+                            "(remove runtime.tensorboard)", str(flag).lower(), names)
+    if isinstance(runtime.get("loggers"), list):
+        runtime["loggers"] = [{"name": item} if isinstance(item, str) else item for item in runtime["loggers"]]
     return runtime

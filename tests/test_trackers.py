@@ -270,22 +270,28 @@ def test_logger_entries_are_checked_at_their_field_paths(tmp_path):
         assert message in problems[path], (override, problems)
 
 
-def test_runtime_tensorboard_keeps_its_meaning_beside_loggers():
+def test_runtime_tensorboard_keeps_its_meaning_and_loggers_decide(caplog):
     """Every recipe under recipes/ validates as before (`tensorboard: true` = loggers [tensorboard], false =
-    none); beside `loggers`, true adds tensorboard and false takes it out. The resolved recipe has loggers only."""
+    none); given `loggers` decide, and a `tensorboard` that disagrees is named in a warning. The resolved
+    recipe has loggers only."""
     for path in sorted(RECIPES.rglob("*.yaml")):
         tree = yaml.safe_load(path.read_text())
         flag = tree.get("runtime", {}).get("tensorboard", True)
         recipe = parse_recipe(tree, str(path))
         assert [ref.name for ref in recipe.runtime.loggers] == (["tensorboard"] if flag else []), path
         assert "tensorboard" not in recipe.runtime.model_dump()
-    cases = [(["runtime.loggers=[mlflow]"], ["mlflow", "tensorboard"]),  # quickstart.yaml says tensorboard: true
-             (["runtime.loggers=[mlflow]", "runtime.tensorboard=false"], ["mlflow"]),
-             (["runtime.loggers=[wandb, tensorboard, mlflow]"], ["wandb", "tensorboard", "mlflow"]),
-             (["runtime.loggers=[wandb, tensorboard]", "runtime.tensorboard=false"], ["wandb"])]
-    for overrides, names in cases:
-        recipe = parse_recipe(read_recipe_tree(QUICKSTART, overrides))
+    knn = RECIPES / "knn_fmnist.yaml"  # says tensorboard: false, as quickstart.yaml says true
+    cases = [(QUICKSTART, ["runtime.loggers=[mlflow]"], ["mlflow"], "true is ignored: runtime.loggers ['mlflow']"),
+             (QUICKSTART, ["runtime.loggers=[mlflow]", "runtime.tensorboard=false"], ["mlflow"], None),
+             (knn, ["runtime.loggers=[tensorboard, wandb]"], ["tensorboard", "wandb"], "false is ignored"),
+             (knn, ["runtime.loggers=[wandb]"], ["wandb"], None),
+             (QUICKSTART, ["runtime.tensorboard=false"], [], None)]
+    for path, overrides, names, warning in cases:
+        caplog.clear()
+        recipe = parse_recipe(read_recipe_tree(path, overrides))
         assert [ref.name for ref in recipe.runtime.loggers] == names, overrides
+        warned = [r.getMessage() for r in caplog.records if r.name == "maeframe.recipe"]
+        assert (warning in warned[0] and len(warned) == 1) if warning else not warned, (overrides, warned)
 
 
 # --- under torchrun -----------------------------------------------------------------------------------
