@@ -29,27 +29,59 @@ import mlflow  # the dev extra installs mlflow-skinny and wandb
 import mlflow.tracking as mlflow_tracking
 from wandb.proto import wandb_internal_pb2 as wandb_proto
 
-CRASH_PLUGIN = """
-import os
-from maeframe import hookimpl
+CRASH_PLUGIN = '''
+import json, os, uuid
+from maeframe import RunLogger, hookimpl
 
 @hookimpl
 def log_metrics(step, metrics):
     if str(step) == os.environ.get("CRASH_AT_STEP"):  # after the line reached metrics.jsonl and the trackers
         raise RuntimeError(f"node lost at step {step}")
-"""
+
+class Recorder(RunLogger):
+    """A third party's tracker: one JSON line per call in <run dir>/recorder.jsonl; its state is a token."""
+    token = None
+
+    def state_dict(self):
+        return {"token": self.token}
+
+    def load_state_dict(self, state):
+        self.token = state["token"]
+
+    def start(self, run):
+        self.token = self.token or uuid.uuid4().hex
+        self.file = open(run.run_dir / "recorder.jsonl", "a")
+        self.write("start", token=self.token, resume_step=run.resume_step, embed_dim=run.params["model.embed_dim"])
+
+    def log_metrics(self, step, metrics):
+        self.write("metrics", step=step, loss=metrics["loss"])
+
+    def log_files(self, step, paths, folder):
+        self.write("files", step=step, folder=folder, names=[path.name for path in paths])
+
+    def finish(self, status):
+        self.write("finish", status=status)
+        self.file.close()
+
+    def write(self, call, **fields):
+        self.file.write(json.dumps({"call": call, **fields}) + "\\n")
+
+@hookimpl
+def register_loggers(register):
+    register("recorder", Recorder)
+'''
 TIMING = {"img_s", "data_wait"}  # wall-clock metrics: a retraced step has values of its own
 RETRACED_STEP = 3
 KNN = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "data.train.options.limit=64",
        "data.eval.options.limit=32", "data.batch_size=16", "data.num_workers=0", "runtime.progress_bar=false"]
 
 
-def loggers(root: Path) -> str:
-    """`runtime.loggers` override: MLflow in a sqlite store and W&B offline, both under `root`."""
+def loggers(root: Path, *extra: dict) -> str:
+    """`runtime.loggers` override: MLflow in a sqlite store and W&B offline, both under `root`, then `extra`."""
     mlflow = {"name": "mlflow", "options": {"tracking_uri": f"sqlite:///{root}/mlflow.db",
                                             "artifact_location": str(root / "artifacts")}}
     wandb = {"name": "wandb", "options": {"mode": "offline", "dir": str(root / "wandb")}}
-    return "runtime.loggers=" + json.dumps([mlflow, wandb])
+    return "runtime.loggers=" + json.dumps([mlflow, wandb, *extra])
 
 
 @dataclass
@@ -67,7 +99,8 @@ def scenario(tmp_path_factory) -> Scenario:
     root = tmp_path_factory.mktemp("trackers")
     (root / "crash_plugin.py").write_text(CRASH_PLUGIN)
     run_dir = root / "runs" / "quickstart"
-    overrides = tiny(root / "runs", "plugins=[crash_plugin]", "runtime.checkpoint_every_steps=2", loggers(root))
+    overrides = tiny(root / "runs", "plugins=[crash_plugin]", "runtime.checkpoint_every_steps=2",
+                     loggers(root, {"name": "recorder"}))
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(str(root))
         patch.setenv("WANDB_SILENT", "true")
@@ -144,6 +177,25 @@ def test_mlflow_gets_a_knn_runs_results(scenario):
     assert run.data.metrics["final/top1"] == pytest.approx(final["top1"]) and "final/top5" in run.data.metrics
     written = json.loads((scenario.root / "runs" / "knn_fmnist" / "results.json").read_text())
     assert written["final"]["top1"] == final["top1"]
+
+
+# --- a third party's tracker ---------------------------------------------------------------------------
+
+def test_a_third_party_tracker_gets_every_call_and_its_state_back(scenario):
+    calls = [json.loads(line) for line in (scenario.run_dir / "recorder.jsonl").read_text().splitlines()]
+    token = calls[0]["token"]
+    assert scenario.crashed["checkpoint"]["loggers"]["recorder"] == {"token": token}
+    metrics = lambda *steps: [{"call": "metrics", "step": step} for step in steps]  # noqa: E731
+    pictures = lambda step, name: [{"call": "files", "step": step, "folder": "reconstructions",  # noqa: E731
+                                    "names": [name]}]
+    assert [{k: v for k, v in call.items() if k != "loss"} for call in calls] == [
+        {"call": "start", "token": token, "resume_step": None, "embed_dim": 32}, *metrics(1, 2, 3),
+        {"call": "finish", "status": "failed"},
+        {"call": "start", "token": token, "resume_step": 2, "embed_dim": 32}, *metrics(3, 4),
+        *pictures(4, "epoch0001.png"), *metrics(5, 6, 7, 8), *pictures(8, "epoch0002.png"),
+        {"call": "finish", "status": "finished"}]
+    losses = {call["step"]: call["loss"] for call in calls if call["call"] == "metrics"}
+    assert losses == {line["step"]: line["loss"] for line in scenario.lines}
 
 
 # --- Weights & Biases (offline) ---------------------------------------------------------------------
