@@ -25,9 +25,10 @@ from maeframe.recipe import flatten_tree, parse_recipe
 from maeframe.recipe_file import read_recipe_tree
 from conftest import QUICKSTART, RECIPES, tiny
 
-import mlflow  # the dev extra installs mlflow-skinny and wandb
-import mlflow.tracking as mlflow_tracking
-from wandb.proto import wandb_internal_pb2 as wandb_proto
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # read when mlflow is imported: no usage reports
+import mlflow  # noqa: E402  (the dev extra installs mlflow-skinny and wandb)
+import mlflow.tracking as mlflow_tracking  # noqa: E402
+from wandb.proto import wandb_internal_pb2 as wandb_proto  # noqa: E402
 
 CRASH_PLUGIN = '''
 import json, os, uuid
@@ -76,6 +77,12 @@ KNN = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "data.train.o
        "data.eval.options.limit=32", "data.batch_size=16", "data.num_workers=0", "runtime.progress_bar=false"]
 
 
+def quiet_env(root: Path) -> dict[str, str]:
+    """Trackers write only under `root`: no telemetry, W&B's config, cache and artifact staging there."""
+    return {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "WANDB_SILENT": "true",
+            **{f"WANDB_{kind}_DIR": str(root / "wandb-home" / kind.lower()) for kind in ("CONFIG", "CACHE", "DATA")}}
+
+
 def loggers(root: Path, *extra: dict) -> str:
     """`runtime.loggers` override: MLflow in a sqlite store and W&B offline, both under `root`, then `extra`."""
     mlflow = {"name": "mlflow", "options": {"tracking_uri": f"sqlite:///{root}/mlflow.db",
@@ -103,7 +110,8 @@ def scenario(tmp_path_factory) -> Scenario:
                      loggers(root, {"name": "recorder"}))
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(str(root))
-        patch.setenv("WANDB_SILENT", "true")
+        for key, value in quiet_env(root).items():
+            patch.setenv(key, value)
         patch.setenv("CRASH_AT_STEP", "3")
         with pytest.raises(RuntimeError, match="node lost at step 3"):
             Pretrainer(prepare(QUICKSTART, overrides)).train()
@@ -354,15 +362,15 @@ def test_only_rank_zero_logs_under_torchrun(tmp_path):
     tracker = json.dumps([{"name": "mlflow", "options": {"tracking_uri": uri,
                                                           "artifact_location": str(tmp_path / "artifacts")}}])
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "maeframe",
-               "run", str(QUICKSTART), *tiny(tmp_path, "data.batch_size=8", "runtime.max_steps=4",
+               "run", str(QUICKSTART), *tiny(tmp_path, "data.batch_size=8", "runtime.max_steps=2",
                                              "runtime.threads=1", f"runtime.loggers={tracker}")]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, **quiet_env(tmp_path), "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     client = mlflow_tracking.MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("maeframe").experiment_id])
     lines = [json.loads(line) for line in (tmp_path / "quickstart" / "metrics.jsonl").read_text().splitlines()]
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
     assert [m.value for m in client.get_metric_history(run.info.run_id, "loss")] == [line["loss"] for line in lines]
     assert run.info.status == "FINISHED" and run.data.params["runtime.loggers.0.name"] == "mlflow"
     assert not (tmp_path / "mlruns").exists()  # no process fell back to a default store in the working directory

@@ -28,11 +28,13 @@ class Trackers:
 
     def __init__(self, prepared: Prepared, is_main: bool):
         self.recipe = prepared.recipe
-        refs, loggers = self.recipe.runtime.loggers, prepared.components.loggers
-        self.loggers: list[tuple[str, RunLogger]] = (
-            [(f"runtime.loggers.{i} ({ref.name})", logger) for i, (ref, logger) in enumerate(zip(refs, loggers))]
-            if is_main else [])
-        self.names = [ref.name for ref in refs] if is_main else []
+        refs = self.recipe.runtime.loggers if is_main else []
+        # fresh instances (validation built the recipe's own): a tracker's state belongs to this run alone
+        entries = [prepared.registry.get("logger", ref.name) for ref in refs]
+        self.loggers: list[tuple[str, RunLogger]] = [
+            (f"runtime.loggers.{i} ({ref.name})", entry.cls(entry.cls.Options.model_validate(ref.options)))
+            for i, (ref, entry) in enumerate(zip(refs, entries))]
+        self.names = [ref.name for ref in refs]
         self.started: list[tuple[str, RunLogger]] = []
 
     def state_dict(self) -> dict[str, dict[str, Any]]:
