@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -18,7 +19,9 @@ import yaml
 
 from maeframe.build import prepare
 from maeframe.cli import main
+from maeframe.engine.checkpoint import read_run_state
 from maeframe.engine.knn_eval import KnnTask
+from maeframe.engine.loop import Preempted
 from maeframe.engine.pretrain import Pretrainer
 from maeframe.errors import RecipeError
 from maeframe.recipe import flatten_tree, parse_recipe
@@ -30,14 +33,16 @@ import mlflow  # noqa: E402  (the dev extra installs mlflow-skinny and wandb)
 import mlflow.tracking as mlflow_tracking  # noqa: E402
 from wandb.proto import wandb_internal_pb2 as wandb_proto  # noqa: E402
 
-CRASH_PLUGIN = '''
-import json, os, uuid
+FAULT_PLUGIN = '''
+import json, os, signal, uuid
 from maeframe import RunLogger, hookimpl
 
 @hookimpl
-def log_metrics(step, metrics):
-    if str(step) == os.environ.get("CRASH_AT_STEP"):  # after the line reached metrics.jsonl and the trackers
+def log_metrics(step, metrics):  # after the line reached metrics.jsonl and the trackers
+    if str(step) == os.environ.get("CRASH_AT_STEP"):
         raise RuntimeError(f"node lost at step {step}")
+    if str(step) == os.environ.get("PREEMPT_AT_STEP"):  # a scheduler's SIGTERM
+        os.kill(os.getpid(), signal.SIGTERM)
 
 class Recorder(RunLogger):
     """A third party's tracker: one JSON line per call in <run dir>/recorder.jsonl; its state is a token."""
@@ -104,9 +109,9 @@ class Scenario:
 @pytest.fixture(scope="module")
 def scenario(tmp_path_factory) -> Scenario:
     root = tmp_path_factory.mktemp("trackers")
-    (root / "crash_plugin.py").write_text(CRASH_PLUGIN)
+    (root / "fault_plugin.py").write_text(FAULT_PLUGIN)
     run_dir = root / "runs" / "quickstart"
-    overrides = tiny(root / "runs", "plugins=[crash_plugin]", "runtime.checkpoint_every_steps=2",
+    overrides = tiny(root / "runs", "plugins=[fault_plugin]", "runtime.checkpoint_every_steps=2",
                      loggers(root, {"name": "recorder"}))
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(str(root))
@@ -125,7 +130,7 @@ def scenario(tmp_path_factory) -> Scenario:
         knn = KnnTask(prepare(RECIPES / "knn_fmnist.yaml", [*KNN, f"runtime.output_dir={root / 'runs'}",
                                                            f"init.checkpoint={run_dir / 'last.pt'}", loggers(root)]))
         results = knn.train()
-    sys.modules.pop("crash_plugin", None)
+    sys.modules.pop("fault_plugin", None)
     return Scenario(root, run_dir, crashed, lines, results, client)
 
 
@@ -204,6 +209,28 @@ def test_a_third_party_tracker_gets_every_call_and_its_state_back(scenario):
         {"call": "finish", "status": "finished"}]
     losses = {call["step"]: call["loss"] for call in calls if call["call"] == "metrics"}
     assert losses == {line["step"]: line["loss"] for line in scenario.lines}
+
+
+def test_a_preempted_fsdp_run_keeps_its_trackers_state_in_the_dcp_checkpoint(tmp_path, monkeypatch):
+    """SIGTERM at step 2: the trackers are told "stopped", last.dcp/ keeps their state, --resume continues."""
+    (tmp_path / "fault_plugin.py").write_text(FAULT_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "fault_plugin", raising=False)
+    monkeypatch.setenv("PREEMPT_AT_STEP", "2")
+    overrides = tiny(tmp_path, "plugins=[fault_plugin]", "runtime.strategy=fsdp", "runtime.max_steps=3",
+                     "runtime.loggers=[recorder]")
+    with pytest.raises(Preempted, match="at step 2"):
+        Pretrainer(prepare(QUICKSTART, overrides)).train()
+    run_dir = tmp_path / "quickstart"
+    token = read_run_state(run_dir / "last.dcp")["loggers"]["recorder"]["token"]
+    monkeypatch.delenv("PREEMPT_AT_STEP")
+    Pretrainer(prepare(QUICKSTART, overrides), resume=True).train()
+    calls = [json.loads(line) for line in (run_dir / "recorder.jsonl").read_text().splitlines()]
+    assert [(c["call"], c.get("token"), c.get("resume_step"), c.get("step"), c.get("status")) for c in calls] == [
+        ("start", token, None, None, None), ("metrics", None, None, 1, None), ("metrics", None, None, 2, None),
+        ("finish", None, None, None, "stopped"),
+        ("start", token, 2, None, None), ("metrics", None, None, 3, None), ("finish", None, None, None, "finished")]
+    monkeypatch.delitem(sys.modules, "fault_plugin")
 
 
 # --- Weights & Biases (offline) ---------------------------------------------------------------------
@@ -357,16 +384,24 @@ def test_runtime_tensorboard_keeps_its_meaning_and_loggers_decide(caplog):
 # --- under torchrun -----------------------------------------------------------------------------------
 
 def test_only_rank_zero_logs_under_torchrun(tmp_path):
-    """Two gloo processes: one MLflow run with each step once; the other rank created nothing."""
+    """Two gloo processes started as torchrun starts them (RANK, WORLD_SIZE, MASTER_ADDR/PORT; without the
+    launcher's own torch import): one MLflow run with each step once; the other rank created nothing."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     tracker = json.dumps([{"name": "mlflow", "options": {"tracking_uri": uri,
                                                           "artifact_location": str(tmp_path / "artifacts")}}])
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "maeframe",
-               "run", str(QUICKSTART), *tiny(tmp_path, "data.batch_size=8", "runtime.max_steps=2",
-                                             "runtime.threads=1", f"runtime.loggers={tracker}")]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                          env={**os.environ, **quiet_env(tmp_path), "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
+    command = [sys.executable, "-m", "maeframe", "run", str(QUICKSTART),
+               *tiny(tmp_path, "data.batch_size=8", "runtime.max_steps=2", "runtime.threads=1",
+                     f"runtime.loggers={tracker}")]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    world = {**os.environ, **quiet_env(tmp_path), "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2",
+             "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    ranks = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**world, "RANK": str(rank), "LOCAL_RANK": str(rank)}) for rank in (0, 1)]
+    for process in ranks:
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr[-3000:]
     client = mlflow_tracking.MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("maeframe").experiment_id])
     lines = [json.loads(line) for line in (tmp_path / "quickstart" / "metrics.jsonl").read_text().splitlines()]
