@@ -158,10 +158,10 @@ def _construct_loggers(recipe: AnyRecipe, options: dict, get) -> list[RunLogger]
         logger = _construct(path, get("logger", ref), options[path])
         missing = logger.missing()
         if missing:
-            verb = "is" if len(missing) == 1 else "are"
+            verb, them = ("is", "it") if len(missing) == 1 else ("are", "them")
+            command = f"pip install '{logger.install}'" if logger.install else f"pip install {' '.join(missing)}"
             raise RecipeError([(path, f"{', '.join(missing)} {verb} not installed (logger {ref.name} needs "
-                                      f"{'it' if len(missing) == 1 else 'them'}); pip install "
-                                      f"'{logger.install or ' '.join(missing)}'")])
+                                      f"{them}); {command}")])
         loggers.append(logger)
     return loggers
 
