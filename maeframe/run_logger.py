@@ -95,7 +95,7 @@ def spell_out_loggers(runtime: Any) -> Any:
             names = [item.get("name") if isinstance(item, dict) else item for item in runtime["loggers"]]
             if flag != ("tensorboard" in names):
                 log.warning("runtime.tensorboard: %s is ignored: runtime.loggers %s says which trackers run "
-                            "(remove runtime.tensorboard)", str(flag).lower(), names)
+                            "(remove runtime.tensorboard, or make it agree)", str(flag).lower(), names)
     if isinstance(runtime.get("loggers"), list):
         runtime["loggers"] = [{"name": item} if isinstance(item, str) else item for item in runtime["loggers"]]
     return runtime
