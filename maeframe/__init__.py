@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time `__getattr_
     from .target import PatchValues, Target, TargetOut
     from .build import prepare
     from .registry import build_component, component_class
+    from .run_logger import RunLogger, RunStart
     from .seeding import python_numpy_seeded
     from .weights import EncoderLayout, WeightFormat
     from .tokenizer import Tokenizer, Tokens, TokenSpec, as_pair
@@ -35,7 +36,7 @@ _LAZY = {  # public name -> submodule defining it (each imports torch)
     "visible_count": "masker", "Target": "target", "TargetOut": "target", "PatchValues": "target", "Tokenizer": "tokenizer",
     "Tokens": "tokenizer", "TokenSpec": "tokenizer", "as_pair": "tokenizer", "python_numpy_seeded": "seeding",
     "prepare": "build", "build_component": "registry", "component_class": "registry",
-    "WeightFormat": "weights", "EncoderLayout": "weights",
+    "WeightFormat": "weights", "EncoderLayout": "weights", "RunLogger": "run_logger", "RunStart": "run_logger",
     # tools for notebooks: the engine behind `maeframe reconstruct` and `maeframe embed`
     "reconstruct": "engine.reconstruct", "embed": "engine.embed", "load_embeddings": "engine.embed_store",
 }

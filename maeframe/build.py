@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from .model.windowed import resolve_window
 from .plugins import make_plugin_manager
 from .recipe import RECIPE_TYPES, AnyRecipe, ComponentRef, RuntimeConfig, load_recipe, resolve_options
 from .registry import Registry
+from .run_logger import RunLogger
 from .target import Target
 from .tokenizer import Tokenizer
 from .weights import WeightFormat
@@ -31,13 +32,15 @@ class Components:
     """The per-step objects a recipe selects. losses: (label, weight, loss) in recipe order; the label is
     the loss name, or "name.i" when a name appears twice (metrics are logged as loss/<label>).
     Downstream recipes (finetune, linprobe, knn) have a tokenizer and the reader of their `init.format`
-    (None for `none`): masker and target are None. `all()` lists the per-step components."""
+    (None for `none`): masker and target are None. `all()` lists the per-step components. loggers: the
+    experiment trackers of `runtime.loggers` (constructed, not started), in recipe order."""
 
     tokenizer: Tokenizer
     masker: Masker | None
     target: Target | None
     losses: list[tuple[str, float, Loss]]
     weight_format: WeightFormat | None = None
+    loggers: list[RunLogger] = field(default_factory=list)
 
     def all(self) -> list[Component]:
         parts = [self.tokenizer, self.masker, self.target, *(loss for _, _, loss in self.losses)]
@@ -115,6 +118,7 @@ def _prepare(recipe: AnyRecipe, pm: pluggy.PluginManager, registry: Registry) ->
     get = lambda kind, ref: registry.get(kind, ref.name).cls  # noqa: E731
     _check_repeats(recipe, options, get)
     tokenizer = _construct("tokenizer", get("tokenizer", recipe.tokenizer), options["tokenizer"])
+    loggers = _construct_loggers(recipe, options, get)
     if recipe.task != "pretrain":
         # finetune / linprobe / knn need the tokenizer and the weights' reader; `validate_recipe` hooks
         # inspect pretraining recipes (masker, target, losses) and are not called for them
@@ -125,7 +129,7 @@ def _prepare(recipe: AnyRecipe, pm: pluggy.PluginManager, registry: Registry) ->
             except PluginError as err:
                 raise RecipeError([("init.format", str(err))]) from None
             fmt = entry.cls(entry.cls.Options())
-        return Prepared(recipe, pm, registry, Components(tokenizer, None, None, [], fmt))
+        return Prepared(recipe, pm, registry, Components(tokenizer, None, None, [], fmt, loggers))
     model = recipe.model
     if model.decoder_attention == "local":
         shift = model.decoder_window_shift or tuple(w // 2 for w in model.decoder_window)
@@ -139,7 +143,27 @@ def _prepare(recipe: AnyRecipe, pm: pluggy.PluginManager, registry: Registry) ->
                _construct(f"losses.{i}", get("loss", ref), options[f"losses.{i}"], tokenizer))
               for i, (label, ref) in enumerate(zip(labels, recipe.losses))]
     _run_validate_hook(pm, recipe)
-    return Prepared(recipe, pm, registry, Components(tokenizer, masker, target, losses))
+    return Prepared(recipe, pm, registry, Components(tokenizer, masker, target, losses, loggers=loggers))
+
+
+def _construct_loggers(recipe: AnyRecipe, options: dict, get) -> list[RunLogger]:
+    """The recipe's trackers, each listed once and with the packages it needs installed."""
+    loggers, seen = [], {}
+    for i, ref in enumerate(recipe.runtime.loggers):
+        path = f"runtime.loggers.{i}"
+        if ref.name in seen:
+            raise RecipeError([(path, f"{ref.name} is already runtime.loggers.{seen[ref.name]}; list each "
+                                      f"tracker once")])
+        seen[ref.name] = i
+        logger = _construct(path, get("logger", ref), options[path])
+        missing = logger.missing()
+        if missing:
+            verb, them = ("is", "it") if len(missing) == 1 else ("are", "them")
+            command = f"pip install '{logger.install}'" if logger.install else f"pip install {' '.join(missing)}"
+            raise RecipeError([(path, f"{', '.join(missing)} {verb} not installed (logger {ref.name} needs "
+                                      f"{them}); {command}")])
+        loggers.append(logger)
+    return loggers
 
 
 def _check_repeats(recipe: AnyRecipe, options: dict, get) -> None:

@@ -94,7 +94,7 @@ def cmd_recipe_fields(args: argparse.Namespace) -> int:
     from .recipe import UNUSED_REASON, UNUSED_RUNTIME_FIELDS, FinetuneRecipe, KnnRecipe, LinprobeRecipe, Recipe
 
     components = {"tokenizer": "tokenizer", "masker": "masker", "target": "target", "losses.<i>": "loss",
-                  "data.train": "dataset", "data.eval": "dataset"}
+                  "data.train": "dataset", "data.eval": "dataset", "runtime.loggers.<i>": "logger"}
     tasks = {"pretrain": Recipe, "finetune": FinetuneRecipe, "linprobe": LinprobeRecipe, "knn": KnnRecipe}
     for task, model in tasks.items():
         if args.task and task != args.task:
@@ -271,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "every plugin found (distribution and version, module, the hooks it "
                                          "implements, or why it was not loaded).")
     plugins.add_argument("--module", action="append", default=[], help="also load this plugin module")
-    plugins.add_argument("--kind", help="only this kind: tokenizer, masker, target, loss or dataset")
+    plugins.add_argument("--kind", help="only this kind: tokenizer, masker, target, loss, dataset, weight_format or "
+                                        "logger")
     plugins.add_argument("--plugin", help="only this plugin's components (a plugin, module or distribution name)")
     plugins.set_defaults(func=cmd_plugins)
 

@@ -66,9 +66,10 @@ def default_text(info: FieldInfo) -> str:
 
 def yaml_text(value: Any) -> str:
     """A default as a recipe would write it: true, null, [4, 4], 0.75, runs (JSON, which YAML reads)."""
-    if isinstance(value, BaseModel):
-        value = value.model_dump(mode="json")
-    return json.dumps(value, default=str, ensure_ascii=False)
+    def plain(item: Any) -> Any:  # models inside lists (runtime.loggers) as their fields
+        return item.model_dump(mode="json") if isinstance(item, BaseModel) else str(item)
+
+    return json.dumps(plain(value) if isinstance(value, BaseModel) else value, default=plain, ensure_ascii=False)
 
 
 def describe(info: FieldInfo) -> str:

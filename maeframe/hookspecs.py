@@ -48,6 +48,12 @@ def register_weight_formats(register: Register) -> None:
     downstream recipe's `init.format` names, e.g. register("official_videomae", VideoMAEWeights)."""
 
 
+@hookspec
+def register_loggers(register: Register) -> None:
+    """Register `maeframe.RunLogger` subclasses: experiment trackers a recipe lists in `runtime.loggers`,
+    e.g. register("mlflow", MLflowLogger)."""
+
+
 # --- command line ---------------------------------------------------------------------------------
 
 @hookspec

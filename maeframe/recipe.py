@@ -17,6 +17,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdap
 
 from .errors import PluginError, RecipeError
 from .recipe_file import read_recipe_tree
+from .run_logger import spell_out_loggers
 
 
 # torch.manual_seed and torch.Generator.manual_seed accept [-2**63, 2**64 - 1] (negative seeds are remapped)
@@ -114,7 +115,10 @@ class RuntimeConfig(Strict):
     visualize_interval: int = Field(1, gt=0, description="epochs between reconstruction PNGs")
     visualize_samples: int = Field(8, gt=0, description="samples shown in each reconstruction PNG")
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps (smoke runs)")
-    tensorboard: bool = Field(True, description="also write TensorBoard event files")
+    loggers: list[ComponentRef] = Field(default_factory=lambda: [ComponentRef(name="tensorboard")], description=(
+        "experiment trackers that receive every metrics.jsonl line, the recipe, pictures and results (rank 0 "
+        "only): names (tensorboard, mlflow, wandb, or a plugin's) or {name, options}; [] = metrics.jsonl "
+        "alone. The older `tensorboard: true|false` still works without loggers: [tensorboard] or []"))
     progress_bar: bool = Field(True, description="show a progress bar on the terminal")
     threads: int | None = Field(None, gt=0, description="torch CPU threads per process (null = torch's "
                                                         "default); 1 helps on small CPUs with loader workers")
@@ -124,6 +128,11 @@ class RuntimeConfig(Strict):
                                                                 "fully_shard, torch>=2.6; checkpoint last.dcp/; "
                                                                 "pretrain and finetune); one process runs fsdp "
                                                                 "unsharded")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _loggers(cls, data: Any) -> Any:
+        return spell_out_loggers(data)
 
     @property
     def cuda_graphs(self) -> bool:
@@ -411,8 +420,9 @@ def _problems(err: ValidationError, prefix: str = "", tags: tuple[str, ...] = ()
         loc, message = item["loc"][1:] if item["loc"][:1] and item["loc"][0] in tags else item["loc"], item["msg"]
         if item["type"] == "unknown_task":
             loc = ("task",)
-        elif not loc and item["type"] == "value_error" and (named := _FIELD_MESSAGE.match(message)):
-            loc, message = tuple(named[1].split(".")), named[2]  # a recipe-level check naming its field
+        elif item["type"] == "value_error" and (named := _FIELD_MESSAGE.match(message)) and \
+                named[1].split(".")[:len(loc)] == [str(part) for part in loc]:
+            loc, message = tuple(named[1].split(".")), named[2]  # a check naming its field (at or below loc)
         path = ".".join(str(p) for p in (prefix, *loc) if p != "")
         out.append((path or prefix or "recipe", message))
     return out
@@ -438,6 +448,7 @@ def component_refs(recipe: AnyRecipe) -> list[tuple[str, str, ComponentRef]]:
     refs += [("data.train", "dataset", recipe.data.train)]
     refs += [("data.eval", "dataset", recipe.data.eval)] if recipe.data.eval is not None else []
     refs += [(f"losses.{i}", "loss", ref) for i, ref in enumerate(getattr(recipe, "losses", []))]
+    refs += [(f"runtime.loggers.{i}", "logger", ref) for i, ref in enumerate(recipe.runtime.loggers)]
     return refs
 
 

@@ -17,6 +17,7 @@ from .loss import Loss
 from .masker import Masker
 from .plugins import PluginManager, plugin_info
 from .recipe import component_refs
+from .run_logger import RunLogger
 from .target import Target
 from .tokenizer import Tokenizer
 from .weights import WeightFormat
@@ -29,6 +30,7 @@ KINDS: dict[str, tuple[str, type[Component]]] = {
     "loss": ("register_losses", Loss),
     "dataset": ("register_datasets", Dataset),
     "weight_format": ("register_weight_formats", WeightFormat),
+    "logger": ("register_loggers", RunLogger),
 }
 _ACTIVE: ContextVar[Registry | None] = ContextVar("maeframe_registry", default=None)
 _NAME = re.compile(r"^[a-z][a-z0-9_.\-]*$")

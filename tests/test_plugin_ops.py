@@ -98,7 +98,9 @@ def test_provenance_lists_the_components_a_recipe_uses(write_plugin_module):
     write_plugin_module("mf_prov", MASKER.format(version="2.5", cls="Stripes", name="stripes"))
     prepared = prepare(QUICKSTART, ["plugins=[mf_prov]", "masker.name=stripes"])
     provenance = prepared.provenance()
-    assert list(provenance) == ["tokenizer", "masker", "target", "data.train", "losses.0"]  # not all 30 registered
+    assert list(provenance) == ["tokenizer", "masker", "target", "data.train", "losses.0",  # not all 30 registered
+                                "runtime.loggers.0"]
+    assert provenance["runtime.loggers.0"]["module"] == "maeframe_plugins.tensorboard_logger.TensorBoardLogger"
     assert provenance["masker"] == {"name": "stripes", "plugin": "mf_prov", "distribution": None, "version": "2.5",
                                     "module": "mf_prov.Stripes"}
     assert provenance["tokenizer"] == {"name": "image_patch", "plugin": "image", "distribution": "maeframe",
@@ -152,7 +154,8 @@ def test_allow_list_loads_only_the_named_plugins(monkeypatch):
     with pytest.raises(RecipeError) as info:
         prepare(QUICKSTART)
     problems = dict(info.value.problems)
-    assert set(problems) == {"target.name", "data.train.name", "losses.0.name"}  # tokenizer and masker loaded
+    # tokenizer and masker loaded; not the default logger (tensorboard) either
+    assert set(problems) == {"target.name", "data.train.name", "losses.0.name", "runtime.loggers.0.name"}
     assert "MAEFRAME_LOAD_PLUGINS=masking,image is set: only the plugins it names load" in problems["target.name"]
 
     monkeypatch.setenv(LOAD_ENV, "")  # set and empty: nothing loads

@@ -319,6 +319,8 @@ EXERCISED_HOOKS = {
     "register_commands",
     # weight formats: test_a_plugin_supplies_a_weight_format_for_init_format
     "register_weight_formats",
+    # experiment trackers: test_every_registration_hook_from_a_plugin, tests/test_trackers.py
+    "register_loggers",
 }
 
 
@@ -336,6 +338,7 @@ def test_every_registration_hook_from_a_plugin(write_plugin):
         from maeframe_plugins.masking import RandomMasker
         from maeframe_plugins.targets import PixelTarget
         from maeframe_plugins.weight_formats import OfficialMAEWeights
+        from maeframe_plugins.tensorboard_logger import TensorBoardLogger
 
         class MyTokenizer(ImagePatchTokenizer): pass
         class MyMasker(RandomMasker): pass
@@ -343,6 +346,7 @@ def test_every_registration_hook_from_a_plugin(write_plugin):
         class MyLoss(MaskedMSE): pass
         class MyDataset(FashionMNISTDataset): pass
         class MyWeightFormat(OfficialMAEWeights): pass
+        class MyLogger(TensorBoardLogger): pass
 
         @hookimpl
         def register_weight_formats(register): register("my_weight_format", MyWeightFormat)
@@ -356,6 +360,8 @@ def test_every_registration_hook_from_a_plugin(write_plugin):
         def register_losses(register): register("my_loss", MyLoss)
         @hookimpl
         def register_datasets(register): register("my_dataset", MyDataset)
+        @hookimpl
+        def register_loggers(register): register("my_logger", MyLogger)
     """)
     registry = load_registry("mf_all_kinds")
     for kind, (_, base) in KINDS.items():
@@ -364,8 +370,10 @@ def test_every_registration_hook_from_a_plugin(write_plugin):
     # the components are usable from a recipe under their new names
     prepared = prepare(QUICKSTART, ["plugins=[mf_all_kinds]", "tokenizer.name=my_tokenizer",
                                     "masker.name=my_masker", "target.name=my_target", "losses.0.name=my_loss",
-                                    "data.train.name=my_dataset"])
+                                    "data.train.name=my_dataset", "runtime.loggers=[my_logger]",
+                                    "runtime.tensorboard=false"])
     assert type(prepared.components.masker).__name__ == "MyMasker"
+    assert [type(logger).__name__ for logger in prepared.components.loggers] == ["MyLogger"]
 
 
 def test_validate_recipe_hook_rejects_with_a_field_path(write_plugin):

@@ -198,7 +198,9 @@ class FineTuner(Trainer):
             results["ema"], _, _ = self.evaluate(self.ema.module)
             results["ema"].pop("loss", None)
         if self.world.is_main:
-            results["path"] = str(write_results(self.run_dir.path, results, self.classes))
+            path = write_results(self.run_dir.path, results, self.classes)
+            results["path"] = str(path)
+            self.trackers.log_results(self.step, results, path)
             print(format_results(results))
         return results
 

@@ -24,6 +24,7 @@ from .knn import knn_features, knn_scores
 from .metrics import classification_metrics, format_results, write_results
 from .rundir import RunDirectory
 from .runtime import start_process
+from .tracking import Trackers
 from .window import device_name
 
 
@@ -63,6 +64,7 @@ class KnnTask:
         self.encoder = build_encoder(prepared, self.runtime.device) if recipe.knn.features == "encoder" else None
         # checked and created only once everything is built
         self.run_dir = RunDirectory(Path(recipe.runtime.output_dir) / recipe.name, resume, self.world.is_main)
+        self.trackers = Trackers(prepared, self.world.is_main)
         barrier(self.world)
 
     def features(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -78,6 +80,16 @@ class KnnTask:
                             self.world)
 
     def train(self) -> dict[str, Any]:
+        """The k-NN evaluation inside the recipe's trackers (rank 0), which receive results.json and its numbers."""
+        with self.trackers.closing():
+            if self.world.is_main:
+                self.trackers.start(self.run_dir.path, None)
+            results = self._evaluate()
+        barrier(self.world)
+        shutdown_world(self.world)
+        return results
+
+    def _evaluate(self) -> dict[str, Any]:
         recipe, knn = self.prepared.recipe, self.prepared.recipe.knn
         if self.world.is_main:
             self.run_dir.write_text("recipe.yaml", dump_recipe(recipe))
@@ -96,8 +108,8 @@ class KnnTask:
             "maeframe": __version__, "device": device_name(self.runtime.device),
         }
         if self.world.is_main:
-            results["path"] = str(write_results(self.run_dir.path, results, classes))
+            path = write_results(self.run_dir.path, results, classes)
+            results["path"] = str(path)
             print(format_results(results))
-        barrier(self.world)
-        shutdown_world(self.world)
+            self.trackers.log_results(0, results, path)
         return results

@@ -3,7 +3,7 @@
 `Trainer` owns the world and device, the data order, epochs, micro-batches and accumulation, the logging
 window, step and epoch checkpoints (one file under ddp, a DCP directory under fsdp), keep-K, preemption
 (SIGTERM/SIGUSR1 -> `last` + exit 75), the non-finite policy, bad-sample accounting, the progress bar and the
-lifecycle hooks. A task subclasses it and supplies only:
+lifecycle hooks and the experiment trackers (`tracking.Trackers`). A task subclasses it and supplies only:
 
     build_train_set()            the training dataset (default: the recipe's data.train, augmented)
     setup()                      what it needs before its step (eval set, classes, monitor)
@@ -13,7 +13,8 @@ lifecycle hooks. A task subclasses it and supplies only:
     finish(metrics) -> dict      what the run returns (and writes) once training ends
     extra_state() / load_extra_state(state), run_facts()
 
-Under torchrun every process runs the loop; only rank 0 writes files (all ranks write DCP shards).
+Under torchrun every process runs the loop; only rank 0 writes files (all ranks write DCP shards) and logs to
+the trackers.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ from .resume_check import check_resume
 from .rundir import MetricsLog, RunDirectory
 from .runtime import rng_state, set_rng_state, start_process
 from .step import OptimizerStep
+from .tracking import Trackers
 from .window import LogWindow, device_name
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -154,6 +156,7 @@ class Trainer:
         self.samples = SampleCount(data.max_bad_fraction, len(self.dataset) // self.world_size,
                                    self.dataset.unreadable(), self.world_size)
         self.signals = PreemptionSignals()
+        self.trackers = Trackers(prepared, self.world.is_main)
 
         self.run_dir = RunDirectory(Path(recipe.runtime.output_dir) / recipe.name, resume, self.world.is_main,
                                     ".dcp" if self.sharded else ".pt")
@@ -199,12 +202,22 @@ class Trainer:
     # --- the loop ----------------------------------------------------------------------------------------
 
     def train(self) -> dict[str, Any]:
+        """The loop, inside the recipe's trackers (rank 0): they start before the first step (continuing their
+        runs on a resume) and finish with the run's status: finished; stopped (preemption, Ctrl-C); failed."""
+        with self.trackers.closing(stopped=(Preempted, KeyboardInterrupt)):
+            if self.world.is_main:
+                self.trackers.start(self.run_dir.path, self.step if self.run_dir.resuming else None)
+            result = self._train()
+        shutdown_world(self.world)
+        return result
+
+    def _train(self) -> dict[str, Any]:
         runtime = self.recipe.runtime
         stop_at = min(self.total_steps, runtime.max_steps) if runtime.max_steps else self.total_steps
         log = None
         if self.world.is_main:
             self._write_run_files()
-            log = MetricsLog(self.run_dir.path, runtime.tensorboard, resume_step=self.step)
+            log = MetricsLog(self.run_dir.path, self.trackers, resume_step=self.step)
         self.hook.on_train_start(run=self)
         bar = tqdm(total=stop_at, initial=self.step, disable=not (runtime.progress_bar and self.world.is_main),
                    unit="step", dynamic_ncols=True, mininterval=1.0)
@@ -248,7 +261,6 @@ class Trainer:
             if log is not None:
                 log.close()
         self.hook.on_train_end(run=self, metrics=last)
-        shutdown_world(self.world)
         return result
 
     def _next(self, batches, micro: int) -> tuple[Tensor, Tensor]:
@@ -323,6 +335,7 @@ class Trainer:
             "samples": self.samples.state_dict(),
             "rng": rng_state(),
             **self.extra_state(),
+            "loggers": self.trackers.state_dict(),
             "recipe": self.recipe.model_dump(mode="json"),
             "plugins": self.prepared.provenance(),
         }
@@ -355,6 +368,7 @@ class Trainer:
         self.step = state["step"]
         self.samples.load_state_dict(state.get("samples"))
         self.load_extra_state(state)
+        self.trackers.load_state_dict(state.get("loggers"))
         set_rng_state(state["rng"])
         warn_provenance_changes(state.get("plugins"), self.prepared.provenance(), path)
 
@@ -385,5 +399,6 @@ class Trainer:
             "repeats": self.dataset.repeats, **self.run_facts(),
             **({"resumes": resumes} if resumes else {}),
             "plugins": self.prepared.provenance(),
+            "loggers": self.trackers.state_dict(),
         }
         self.run_dir.write_text("run.json", json.dumps(facts, indent=2) + "\n")

@@ -38,9 +38,10 @@ class Pretrainer(Trainer):
     def end_epoch(self, epochs_done: int, final: bool, metrics: dict[str, float], log: MetricsLog | None):
         if self.monitor is not None and (final or epochs_done % self.recipe.monitor.knn_every_epochs == 0):
             metrics = {**metrics, **self._monitor(epochs_done, log)}
-        pictures = self.world.is_main or self.sharded  # a sharded model's forward needs every rank
-        if pictures and (epochs_done % self.recipe.runtime.visualize_interval == 0 or final):
-            self.visualize(self.run_dir.path / "reconstructions" / f"epoch{epochs_done:04d}.png")
+        draws = self.world.is_main or self.sharded  # a sharded model's forward needs every rank
+        if draws and (epochs_done % self.recipe.runtime.visualize_interval == 0 or final):
+            pictures = self.visualize(self.run_dir.path / "reconstructions" / f"epoch{epochs_done:04d}.png")
+            self.trackers.log_files(self.step, pictures, "reconstructions")
         return metrics, False
 
     def _monitor(self, epochs_done: int, log: MetricsLog | None) -> dict[str, float]:

@@ -10,7 +10,7 @@ from ..errors import MaeframeError
 from ..recipe import flatten_tree
 
 # fields a resume may change: where and how the steps run, what is logged and kept, when the run stops
-HARMLESS = ("runtime.log_interval", "runtime.progress_bar", "runtime.tensorboard", "runtime.threads",
+HARMLESS = ("runtime.log_interval", "runtime.progress_bar", "runtime.loggers", "runtime.tensorboard", "runtime.threads",
             "runtime.checkpoint_interval", "runtime.checkpoint_every_steps", "runtime.keep_checkpoints",
             "runtime.visualize_interval", "runtime.visualize_samples", "runtime.max_steps", "runtime.nonfinite",
             "runtime.compile", "runtime.compile_mode", "runtime.strategy", "runtime.device", "runtime.output_dir",

@@ -1,4 +1,4 @@
-"""The run directory: resolved recipe, run facts, metrics.jsonl and TensorBoard events."""
+"""The run directory: resolved recipe, run facts and metrics.jsonl."""
 from __future__ import annotations
 
 import json
@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..errors import MaeframeError, RecipeError
 from .checkpoint import RUN_STATE, complete_dcp
+from .tracking import Trackers
 
 
 CHECKPOINT_SUFFIXES = (".pt", ".dcp")  # one file (ddp) or a DCP directory (fsdp)
@@ -109,12 +110,13 @@ class RunDirectory:
 
 
 class MetricsLog:
-    """Appends one JSON object per logging interval to metrics.jsonl and mirrors scalars to TensorBoard.
+    """Appends one JSON object per logging interval to metrics.jsonl and hands the same line, at the same
+    step, to the run's experiment trackers (`Trackers`: TensorBoard, MLflow, ...).
 
-    On a resume from step S, lines and events after S (written before a crash, and about to be
-    recomputed) are dropped first, so every step appears once."""
+    On a resume from step S, lines after S (written before a crash, and about to be recomputed) are dropped
+    first, so every step appears once."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int = 0):
+    def __init__(self, run_dir: Path, trackers: Trackers, resume_step: int = 0):
         path = run_dir / "metrics.jsonl"
         if resume_step and path.is_file():
             kept = [line for line in path.read_text().splitlines(keepends=True)
@@ -123,21 +125,12 @@ class MetricsLog:
             tmp.write_text("".join(kept))
             tmp.replace(path)
         self.file = open(path, "a", buffering=1)
-        self.writer = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step or None)
+        self.trackers = trackers
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
         self.file.write(json.dumps({"step": step, "time": round(time.time(), 3), **clean}) + "\n")
-        if self.writer is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, step)
+        self.trackers.log_metrics(step, metrics)
 
     def close(self) -> None:
         self.file.close()
-        if self.writer is not None:
-            self.writer.close()
