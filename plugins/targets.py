@@ -1,5 +1,8 @@
-"""Pixel target: the raw patch values, optionally normalised per patch (MAE's norm_pix_loss)."""
+"""Pixel target: the raw patch values, optionally normalised per patch (MAE's norm_pix_loss, or VideoMAE's
+per-channel variant)."""
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import Field
 from torch import Tensor
@@ -9,13 +12,21 @@ from maeframe import Mask, Options, Target, TargetOut, Tokens, hookimpl
 
 class PixelOptions(Options):
     norm_pix: bool = Field(True, description="normalise each patch by its own mean and variance")
-    eps: float = Field(1e-6, gt=0, description="added to the per-patch variance before the square root")
+    eps: float = Field(1e-6, gt=0, description="added to the per-patch variance before the square root (or to "
+                                               "the standard deviation, see eps_after_sqrt)")
+    norm_over: Literal["patch", "channel"] = Field(
+        "patch", description="norm_pix statistics: one mean and variance over all of a patch's values (MAE), or "
+                             "one per channel over the patch's positions (VideoMAE's normalised target)")
+    eps_after_sqrt: bool = Field(False, description="norm_pix: divide by sqrt(var) + eps (VideoMAE) instead of "
+                                                    "sqrt(var + eps) (MAE)")
 
 
 class PixelTarget(Target):
     """values [B, N, patch_dim]: patches, or (patch - mean) / sqrt(var + eps) per patch when norm_pix.
 
-    The variance is the unbiased one over the patch's values, as in the MAE reference.
+    The variance is the unbiased one over the patch's values, as in the MAE reference. With norm_over
+    "channel" each channel of a patch (laid out (*patch_size, C), channels last) has its own mean and
+    variance over the patch's positions, and eps_after_sqrt divides by sqrt(var) + eps: VideoMAE's target.
     """
 
     reconstructs_pixels = True  # the input's own pixels (norm_pix undone with the true patch statistics)
@@ -26,24 +37,38 @@ class PixelTarget(Target):
     def out_dim(self) -> int:
         return self.tokenizer.spec.patch_dim
 
-    def _stats(self, patches: Tensor) -> tuple[Tensor, Tensor]:
-        mean = patches.mean(dim=-1, keepdim=True)
-        std = (patches.var(dim=-1, keepdim=True) + self.options.eps).sqrt()
+    def _grouped(self, patches: Tensor) -> Tensor:
+        """[B, N, patch_dim] -> the values each statistic is taken over, along the last axis: [B, N, patch_dim]
+        (norm_over patch) or [B, N, C, prod(patch_size)] (channel)."""
+        if self.options.norm_over == "patch":
+            return patches
+        channels = self.tokenizer.spec.channels
+        return patches.unflatten(-1, (-1, channels)).transpose(-1, -2)
+
+    def _ungrouped(self, values: Tensor) -> Tensor:
+        return values if self.options.norm_over == "patch" else values.transpose(-1, -2).flatten(-2)
+
+    def _stats(self, grouped: Tensor) -> tuple[Tensor, Tensor]:
+        mean = grouped.mean(dim=-1, keepdim=True)
+        if self.options.eps_after_sqrt:
+            return mean, grouped.var(dim=-1, keepdim=True).sqrt() + self.options.eps
+        std = (grouped.var(dim=-1, keepdim=True) + self.options.eps).sqrt()
         return mean, std
 
     def __call__(self, tokens: Tokens, mask: Mask) -> TargetOut:
         patches = tokens.patches.float()
         if not self.options.norm_pix:
             return TargetOut(patches)
-        mean, std = self._stats(patches)
-        return TargetOut((patches - mean) / std)
+        grouped = self._grouped(patches)
+        mean, std = self._stats(grouped)
+        return TargetOut(self._ungrouped((grouped - mean) / std))
 
     def reconstruct(self, prediction: Tensor, tokens: Tokens) -> Tensor:
         """Undo the per-patch normalisation with the true patch statistics (as the MAE demo does)."""
         if not self.options.norm_pix:
             return prediction
-        mean, std = self._stats(tokens.patches.float())
-        return prediction * std + mean
+        mean, std = self._stats(self._grouped(tokens.patches.float()))
+        return self._ungrouped(self._grouped(prediction) * std + mean)
 
 
 @hookimpl
