@@ -151,10 +151,11 @@ def register_tokenizers(register):
 
 
 @hookimpl
-def validate_recipe(recipe):
+def validate_recipe(recipe, layout):
     """The ViT's sin-cos position embedding of a 3-D grid splits each width into sin and cos over three
-    axes: reject widths that are not multiples of 6 before training starts, not when the model is built."""
-    if recipe.tokenizer.name != "video_tube":
+    axes: reject widths that are not multiples of 6 before training starts, not when the model is built
+    (weights that bring their own position table, e.g. VideoMAE's, have no such constraint)."""
+    if recipe.tokenizer.name != "video_tube" or layout.positions is not None:
         return
     model = getattr(recipe, "model", None)
     for field in ("embed_dim", "decoder_embed_dim"):

@@ -18,7 +18,7 @@ from maeframe_plugins.weight_formats import OfficialVideoMAEWeights
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TUBELET, PATCH, FRAMES, SIZE = 2, 8, 4, 32
 VIDEO_SETS = [f"tokenizer.options.num_frames={FRAMES}", f"tokenizer.options.image_size={SIZE}", "model.num_heads=2",
-              "model.decoder_num_heads=3", "data.train.options.short_side=36", "data.train.options.cache=false",
+              "model.decoder_num_heads=2", "data.train.options.short_side=36", "data.train.options.cache=false",
               "masker.options.ratio=0.75"]
 
 
@@ -32,7 +32,7 @@ def sinusoid_table(num_tokens: int, dim: int) -> torch.Tensor:
     return table.float()
 
 
-def videomae_pretraining_state(dim=24, depth=2, decoder_dim=18, decoder_depth=2, channels=3):
+def videomae_pretraining_state(dim=20, depth=2, decoder_dim=16, decoder_depth=2, channels=3):
     """A VideoMAE pretraining state dict (key names and shapes of modeling_pretrain.py, random values)."""
     g = torch.Generator().manual_seed(0)
     r = lambda *shape: torch.randn(*shape, generator=g) * 0.2  # noqa: E731
@@ -89,7 +89,7 @@ def videomae_forward_and_loss(state, videos, mask):
     full = torch.cat([x_vis + pos[~mask].reshape(b, -1, width),
                       state["mask_token"] + pos[mask].reshape(b, -1, width)], dim=1)
     hidden = int(mask[0].sum())
-    y = vit_blocks(full, state, "decoder.", heads=3)
+    y = vit_blocks(full, state, "decoder.", heads=2)
     outputs = F.linear(y[:, -hidden:], state["decoder.head.weight"], state["decoder.head.bias"])
     # the target: per tubelet and channel over [0, 1] pixels, (x - mean) / (unbiased std + 1e-6)
     c, t, h, w = videos.shape[1:]
@@ -117,7 +117,7 @@ def test_official_videomae_pretraining_weights_reconstruct_as_videomae(tmp_path,
     tokens = (FRAMES // TUBELET) * (SIZE // PATCH) ** 2
     ours = {**videomae_to_maeframe(state, tokens), **videomae_decoder_to_maeframe(state, tokens)}
     recipe = OfficialVideoMAEWeights(OfficialVideoMAEWeights.Options()).recipe_for(weights)
-    assert recipe["model"] == {"embed_dim": 24, "depth": 2, "num_heads": 1, "mlp_ratio": 4.0, "decoder_embed_dim": 18,
+    assert recipe["model"] == {"embed_dim": 20, "depth": 2, "num_heads": 1, "mlp_ratio": 4.0, "decoder_embed_dim": 16,
                                "decoder_depth": 2, "decoder_num_heads": 1}
     assert recipe["tokenizer"]["options"] == {"num_frames": 16, "image_size": 224, "patch_size": [8, 8], "tubelet": 2,
                                               "channels": 3}
@@ -130,6 +130,5 @@ def test_official_videomae_pretraining_weights_reconstruct_as_videomae(tmp_path,
     assert record["format"] == "official_videomae" and [f.rsplit(".", 1)[1] for f in record["inputs"][0]["files"]] == ["png", "gif"]
     encoder_only = tmp_path / "encoder_only.pth"
     torch.save({k: v for k, v in state.items() if k.startswith("encoder.")}, encoder_only)
-    args += ["--set", "model.decoder_embed_dim=18"]   # the recipe of weights without decoder has the default width
     assert main(["reconstruct", str(encoder_only), str(clip), "--out", str(tmp_path / "x"), *args]) == 2
     assert "the weights hold no decoder" in capsys.readouterr().err

@@ -81,7 +81,7 @@ def prepare_tree(weights: Weights, tree: dict[str, Any], overrides: list[str] = 
         apply_override(tree, assignment)
     source = f"{weights.path} (its recipe)"
     try:
-        prepared = prepare(parse_recipe(tree, source))
+        prepared = prepare(parse_recipe(tree, source), layout=weights.reader.layout)
     except RecipeError as err:
         raise RecipeError(err.problems, source) from None
     prepared.source = source
