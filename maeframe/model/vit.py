@@ -103,8 +103,9 @@ class Decoder(nn.Module):
     def __init__(self, grid: tuple[int, ...], encoder_dim: int, out_dim: int, embed_dim: int, depth: int,
                  num_heads: int, mlp_ratio: float = 4.0, window: tuple[int, int] | None = None,
                  window_shift: tuple[int, int] | None = None, recompute: bool = False,
-                 layout: EncoderLayout = EncoderLayout()):
+                 layout: EncoderLayout = EncoderLayout(), window_block: str = "vit"):
         """window: None = global attention; (wt, wf) = local shifted-window attention on a 2-D grid.
+        window_block: the local blocks' kind ("vit" or "swin_v2", see `make_windowed_blocks`).
         recompute: activation checkpointing of the blocks. layout: the encoder's; without a cls token the
         latent holds visible tokens only and the blocks see the N grid tokens alone (VideoMAE's decoder),
         with the layout's position table at the decoder's width."""
@@ -119,7 +120,7 @@ class Decoder(nn.Module):
             self.blocks = make_blocks(embed_dim, depth, num_heads, mlp_ratio)
         else:
             self.blocks = make_windowed_blocks(embed_dim, depth, num_heads, mlp_ratio, tuple(grid), window,
-                                               window_shift)
+                                               window_shift, window_block)
         self.norm = LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, out_dim)
 
