@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+import torch
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from maeframe import Mask, Options, Target, TargetOut, Tokens, hookimpl
@@ -12,13 +13,23 @@ from maeframe import Mask, Options, Target, TargetOut, Tokens, hookimpl
 
 class PixelOptions(Options):
     norm_pix: bool = Field(True, description="normalise each patch by its own mean and variance")
-    eps: float = Field(1e-6, gt=0, description="added to the per-patch variance before the square root (or to "
-                                               "the standard deviation, see eps_after_sqrt)")
+    eps: float | tuple[float, ...] = Field(
+        1e-6, description="added to the per-patch variance before the square root (or to the standard deviation, "
+                          "see eps_after_sqrt); with norm_over channel one value per channel may be given")
     norm_over: Literal["patch", "channel"] = Field(
         "patch", description="norm_pix statistics: one mean and variance over all of a patch's values (MAE), or "
                              "one per channel over the patch's positions (VideoMAE's normalised target)")
     eps_after_sqrt: bool = Field(False, description="norm_pix: divide by sqrt(var) + eps (VideoMAE) instead of "
                                                     "sqrt(var + eps) (MAE)")
+
+    @model_validator(mode="after")
+    def _eps_fits(self) -> PixelOptions:
+        values = self.eps if isinstance(self.eps, tuple) else (self.eps,)
+        if not values or min(values) <= 0:
+            raise ValueError(f"eps must be positive, got {self.eps}")
+        if isinstance(self.eps, tuple) and self.norm_over != "channel":
+            raise ValueError("eps: one value per channel needs norm_over: channel")
+        return self
 
 
 class PixelTarget(Target):
@@ -32,6 +43,18 @@ class PixelTarget(Target):
     reconstructs_pixels = True  # the input's own pixels (norm_pix undone with the true patch statistics)
 
     Options = PixelOptions
+
+    def __init__(self, options: PixelOptions, tokenizer):
+        super().__init__(options, tokenizer)
+        channels = tokenizer.spec.channels
+        if isinstance(options.eps, tuple) and len(options.eps) != channels:
+            raise ValueError(f"eps has {len(options.eps)} values but the tokenizer has {channels} channels")
+
+    def _eps(self, like: Tensor) -> Tensor | float:
+        """eps as a float, or per channel [C, 1] (broadcast over the grouped [..., C, positions] values)."""
+        if isinstance(self.options.eps, tuple):
+            return torch.tensor(self.options.eps, dtype=like.dtype, device=like.device)[:, None]
+        return self.options.eps
 
     @property
     def out_dim(self) -> int:
@@ -51,8 +74,8 @@ class PixelTarget(Target):
     def _stats(self, grouped: Tensor) -> tuple[Tensor, Tensor]:
         mean = grouped.mean(dim=-1, keepdim=True)
         if self.options.eps_after_sqrt:
-            return mean, grouped.var(dim=-1, keepdim=True).sqrt() + self.options.eps
-        std = (grouped.var(dim=-1, keepdim=True) + self.options.eps).sqrt()
+            return mean, grouped.var(dim=-1, keepdim=True).sqrt() + self._eps(grouped)
+        std = (grouped.var(dim=-1, keepdim=True) + self._eps(grouped)).sqrt()
         return mean, std
 
     def __call__(self, tokens: Tokens, mask: Mask) -> TargetOut:

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from timm.data.constants import IMAGENET_DEFAULT_STD
 from torch import Tensor
 
 from maeframe import EncoderLayout, WeightFormat, hookimpl
@@ -24,7 +25,6 @@ AUDIOMAE_LOCAL_DECODER = {"decoder_attention": "local", "decoder_window": [4, 4]
 VIDEOMAE_HEADS = {384: 6, 768: 12, 1024: 16, 1280: 16}
 VIDEOMAE_DECODER_HEADS = {192: 3, 384: 6, 512: 8, 640: 8}
 VIDEOMAE_CLIP = {"num_frames": 16, "image_size": 224}  # run_mae_pretraining.py's num_frames and input_size
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def heads_for(width: int, table: dict[int, int]) -> int:
@@ -136,9 +136,8 @@ class OfficialVideoMAEWeights(WeightFormat):
         224² in tubelets of the stored kernel (2×16×16), tube masking 0.9 (the released Kinetics / SSv2 models),
         ImageNet normalisation (`video_folder`'s defaults, short side 224 then a centre crop; its root is a
         placeholder) and VideoMAE's normalised-pixel target: per tubelet and channel, (x - mean) / (unbiased
-        std + eps). VideoMAE takes those statistics on [0, 1] pixels and maeframe on normalised ones, where
-        eps = 1e-6 / 0.226 (ImageNet's mean std) is its 1e-6 to within 1.3 % per channel: a difference of
-        about 1e-8 in a denominator of the order of 0.1."""
+        std + eps). VideoMAE takes those statistics on [0, 1] pixels with eps 1e-6 and maeframe on pixels
+        normalised by the channel's std s_c, where eps 1e-6 / s_c gives the same values."""
         state = read_reference(path)
         prefix = "encoder." if "encoder.patch_embed.proj.weight" in state else ""
         weight = state.get(prefix + "patch_embed.proj.weight")
@@ -158,7 +157,7 @@ class OfficialVideoMAEWeights(WeightFormat):
                                                             "channels": channels}},
             "masker": {"name": "tube", "options": {"ratio": 0.9}},
             "target": {"name": "pixel", "options": {"norm_pix": True, "norm_over": "channel", "eps_after_sqrt": True,
-                                                    "eps": 1e-6 / (sum(IMAGENET_STD) / 3)}},
+                                                    "eps": [1e-6 / s for s in IMAGENET_DEFAULT_STD]}},
             "losses": [{"name": "mse", "weight": 1.0}],
             "model": model,
             "data": {"train": {"name": "video_folder", "options": {"root": ".", "short_side": VIDEOMAE_CLIP["image_size"]}},

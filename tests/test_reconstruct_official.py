@@ -232,3 +232,22 @@ def test_official_audiomae_pretraining_weights_reconstruct_like_their_checkpoint
     torch.testing.assert_close(theirs.sample, ours.sample)
     torch.testing.assert_close(theirs.prediction, ours.prediction, atol=1e-5, rtol=1e-5)
     assert theirs.loss == pytest.approx(ours.loss, rel=1e-5)
+
+
+def test_videomae_target_options_are_checked():
+    """Per-channel eps needs per-channel statistics and one value per channel."""
+    from pydantic import ValidationError
+    from maeframe_plugins.targets import PixelOptions, PixelTarget
+    from maeframe_plugins.video import VideoTubeTokenizer
+
+    with pytest.raises(ValidationError, match="norm_over: channel"):
+        PixelOptions(eps=(1e-6, 1e-6, 1e-6))
+    tokenizer = VideoTubeTokenizer(VideoTubeTokenizer.Options(num_frames=2, image_size=16, patch_size=8))
+    with pytest.raises(ValueError, match="eps has 2 values but the tokenizer has 3 channels"):
+        PixelTarget(PixelOptions(norm_over="channel", eps=(1e-6, 1e-6)), tokenizer)
+    # per channel over each tubelet: every channel of every target patch has mean 0 and unbiased std ~1
+    target = PixelTarget(PixelOptions(norm_over="channel", eps_after_sqrt=True), tokenizer)
+    video = torch.rand(1, 3, 2, 16, 16) * torch.tensor([1.0, 5.0, 0.1])[:, None, None, None]
+    values = target(tokenizer.tokenize(video), None).values.unflatten(-1, (-1, 3))   # [1, N, t·p·q, C]
+    torch.testing.assert_close(values.mean(-2), torch.zeros(1, 4, 3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(values.std(-2), torch.ones(1, 4, 3), atol=1e-4, rtol=0)
