@@ -22,7 +22,7 @@ from .registry import Registry
 from .run_logger import RunLogger
 from .target import Target
 from .tokenizer import Tokenizer
-from .weights import WeightFormat
+from .weights import EncoderLayout, WeightFormat
 
 log = logging.getLogger("maeframe.plugins")
 
@@ -95,9 +95,10 @@ def _construct(path: str, factory, *args):
         raise RecipeError([(path, f"{type(err).__name__}: {err}")]) from err
 
 
-def prepare(recipe: AnyRecipe | str | Path, overrides: list[str] = ()) -> Prepared:
+def prepare(recipe: AnyRecipe | str | Path, overrides: list[str] = (), layout: EncoderLayout = EncoderLayout()) -> Prepared:
     """Validate a recipe fully (schema, component options, construction, plugin checks) and build the
-    per-step components. Touches no data and writes nothing."""
+    per-step components. Touches no data and writes nothing. `layout`: the one the model will run in (another
+    project's weights), handed to the `validate_recipe` hooks."""
     source = "recipe"
     if not isinstance(recipe, RECIPE_TYPES):
         source = str(recipe)
@@ -106,14 +107,14 @@ def prepare(recipe: AnyRecipe | str | Path, overrides: list[str] = ()) -> Prepar
     registry = Registry(pm)
     try:
         with registry.active():
-            prepared = _prepare(recipe, pm, registry)
+            prepared = _prepare(recipe, pm, registry, layout)
     except RecipeError as err:
         raise RecipeError(err.problems, source) from err
     prepared.source = source
     return prepared
 
 
-def _prepare(recipe: AnyRecipe, pm: pluggy.PluginManager, registry: Registry) -> Prepared:
+def _prepare(recipe: AnyRecipe, pm: pluggy.PluginManager, registry: Registry, layout: EncoderLayout) -> Prepared:
     options = resolve_options(recipe, registry)
     get = lambda kind, ref: registry.get(kind, ref.name).cls  # noqa: E731
     _check_repeats(recipe, options, get)
@@ -142,7 +143,7 @@ def _prepare(recipe: AnyRecipe, pm: pluggy.PluginManager, registry: Registry) ->
     losses = [(label, ref.weight,
                _construct(f"losses.{i}", get("loss", ref), options[f"losses.{i}"], tokenizer))
               for i, (label, ref) in enumerate(zip(labels, recipe.losses))]
-    _run_validate_hook(pm, recipe)
+    _run_validate_hook(pm, recipe, layout)
     return Prepared(recipe, pm, registry, Components(tokenizer, masker, target, losses, loggers=loggers))
 
 
@@ -183,10 +184,11 @@ def _check_repeats(recipe: AnyRecipe, options: dict, get) -> None:
                                                          "evaluation takes one sample per item (remove it)")])
 
 
-def _run_validate_hook(pm: pluggy.PluginManager, recipe: AnyRecipe) -> None:
+def _run_validate_hook(pm: pluggy.PluginManager, recipe: AnyRecipe, layout: EncoderLayout) -> None:
+    given = {"recipe": recipe, "layout": layout}
     for impl in pm.hook.validate_recipe.get_hookimpls():
         try:
-            impl.function(recipe=recipe)
+            impl.function(**{name: given[name] for name in impl.argnames})  # an impl may take a subset
         except ValueError as err:
             path, sep, message = str(err).partition(": ")
             raise RecipeError([(path, message) if sep else ("recipe", str(err))]) from err

@@ -67,8 +67,11 @@ def register_commands(subparsers: Any) -> None:
 # --- recipe ---------------------------------------------------------------------------------------
 
 @hookspec
-def validate_recipe(recipe: Any) -> None:
-    """Inspect a fully validated `Recipe`; raise ValueError("field.path: message") to reject it."""
+def validate_recipe(recipe: Any, layout: Any) -> None:
+    """Inspect a fully validated `Recipe`; raise ValueError("field.path: message") to reject it. `layout`:
+    the `EncoderLayout` the model will run in (maeframe's own, unless a tool runs another project's weights,
+    e.g. `maeframe reconstruct` on VideoMAE's, whose position table is not the grid's sin-cos); an
+    implementation may leave it out of its parameters."""
 
 
 # --- lifecycle (coarse: per run and per epoch, never per step) -------------------------------------

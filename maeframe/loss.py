@@ -17,11 +17,13 @@ class Prediction:
     """What the model returns.
 
     values: [B, N, out_dim] decoder output for every grid position (cls token dropped).
-    latent: [B, 1 + V, D] encoder output for the cls token and the V visible tokens.
+    latent: [B, 1 + V, D] encoder output for the cls token and the V visible tokens ([B, V, D] when
+            `has_cls` is False: weights of a layout without cls token, e.g. VideoMAE's).
     """
 
     values: Tensor
     latent: Tensor
+    has_cls: bool = True
 
 
 class Loss(Component):

@@ -52,6 +52,10 @@ class ModelConfig(Strict):
     decoder_window: tuple[int, int] = Field((4, 4), description="local attention window in tokens per grid axis")
     decoder_window_shift: tuple[int, int] | None = Field(
         None, description="shift of every other local block (null = half the window; AudioMAE uses [2, 0])")
+    decoder_window_block: Literal["vit", "swin_v2"] = Field(
+        "vit", description="local decoder blocks: vit (pre-norm, scaled dot-product attention in windows) or "
+                           "swin_v2 (post-norm, scaled cosine attention with a learned temperature per head and "
+                           "an MLP relative position bias: the blocks of AudioMAE's pretrained decoder)")
     activation_checkpointing: bool = Field(
         False, description="recompute each encoder/decoder block's activations in the backward pass: far less "
                            "activation memory (large models, big batches) for about one more forward of compute")

@@ -77,13 +77,17 @@ class Tokenizer(Component):
         """[B, N, patch_dim] -> [B, *input_shape]; exact inverse of `tokenize`, with patch borders at
         multiples of `patch_size` along each axis."""
 
-    def save_pictures(self, panels: Tensor, path: Path, mask: Mask | None = None) -> list[Path]:
+    def save_pictures(self, panels: Tensor, path: Path, mask: Mask | None = None, *,
+                      playable: bool = False) -> list[Path]:
         """Draw reconstructions: panels [B, 4, *input_shape] in [0, 1] (original | masked | reconstruction |
         reconstruction with visible patches pasted back, or, for a target outside pixel space, original |
         masked | true target | prediction), drawn under `mask` (the samples' `Mask`, on the CPU, for
         tokenizers that mark hidden regions themselves). Writes `path` (.png) and any extra files (e.g. a GIF
-        for video, audio for spectrograms) and returns their paths. The default draws [C, H, W] samples with 1
-        or 3 channels as a PNG grid; other modalities override it."""
+        for video, audio for spectrograms) and returns their paths. `playable`: also write every playable
+        rendering the tokenizer can make (e.g. sound) for every sample, whatever its options limit them to
+        during training (`maeframe reconstruct` sets it; training pictures leave it False). The default draws
+        [C, H, W] samples with 1 or 3 channels as a PNG grid and has no playable rendering; other modalities
+        override it."""
         if panels.dim() != 5 or panels.shape[2] not in (1, 3):
             return []
         from .pictures import save_panels

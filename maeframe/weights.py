@@ -16,9 +16,11 @@ from .tokenizer import TokenSpec
 
 @dataclass(frozen=True)
 class EncoderLayout:
-    """How the encoder must run to use a format's weights. cls_token: whether the encoder has one (without
-    it, every token is encoded and features are their mean); positions: (num_tokens, width) -> [num_tokens,
-    width], a fixed position table replacing the per-axis sin-cos one of the token grid (None: sin-cos)."""
+    """How the encoder (and a masked autoencoder's decoder) must run to use a format's weights. cls_token:
+    whether the encoder has one (without it, every token is encoded and features are their mean; the decoder
+    then sees the grid tokens alone); positions: (num_tokens, width) -> [num_tokens, width], a fixed position
+    table replacing the per-axis sin-cos one of the token grid (None: sin-cos), at the encoder's and at the
+    decoder's width."""
 
     cls_token: bool = True
     positions: Callable[[int, int], Tensor] | None = None
@@ -44,6 +46,12 @@ class WeightFormat(Component):
         `maeframe reconstruct` and `maeframe embed`. Default: refuses with a ValueError."""
         raise ValueError(f"weight format {type(self).__name__} cannot describe its weights as a recipe (it "
                          f"defines no recipe_for)")
+
+    def read_autoencoder(self, path: Path, spec: TokenSpec, model: Any, tokenizer_options: dict[str, Any]) -> dict[str, Tensor]:
+        """The weights as a whole masked autoencoder ({maeframe name: tensor}, `encoder.*` and `decoder.*`) for
+        tools that reconstruct (`maeframe reconstruct`), the model running in `layout`; `model` is the recipe's
+        `ModelConfig`. Default: `read`, keeping whatever decoder tensors it returns."""
+        return self.read(path, spec, model, tokenizer_options)
 
     @abstractmethod
     def read(self, path: Path, spec: TokenSpec, model: Any, tokenizer_options: dict[str, Any]) -> dict[str, Tensor]:

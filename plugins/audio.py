@@ -31,7 +31,8 @@ class SpectrogramOptions(Options):
                                                               "one int = square; must divide T and F")
     colormap: str = Field("magma", description="matplotlib colormap of the reconstruction pictures")
     audio_samples: int = Field(0, ge=0, description="write original and reconstruction of the first N samples "
-                                                    "of each picture as Griffin-Lim wav files (0 = none)")
+                                                    "of each picture as Griffin-Lim wav files (0 = none; `maeframe reconstruct` "
+                                                    "writes them for every input anyway)")
     display_range: tuple[float, float] = Field(DISPLAY_RANGE, description="log-mel values of picture colours 0 "
                                                "and 1; must match the dataset's display_range (for audio only)")
     sample_rate: int = Field(16000, gt=0, description="sample rate of the fbank (for audio only)")
@@ -88,11 +89,13 @@ class SpectrogramTokenizer(Tokenizer):
 
     # --- pictures and audio ------------------------------------------------------------------------------
 
-    def save_pictures(self, panels: Tensor, path: Path, mask: Mask | None = None) -> list[Path]:
+    def save_pictures(self, panels: Tensor, path: Path, mask: Mask | None = None, *,
+                      playable: bool = False) -> list[Path]:
         """panels [B, 4, 1, T, F] in [0, 1] -> one PNG: a row per sample, the four panels side by side, each
         a spectrogram with time to the right and low frequencies at the bottom; plus `audio_samples` × 2 wavs
-        (`<stem>-<i>-original.wav`, `<stem>-<i>-reconstruction.wav`, the latter with visible patches pasted);
-        the `mask`'s hidden patches are drawn grey in the masked panel."""
+        (`<stem>-<i>-original.wav`, `<stem>-<i>-reconstruction.wav`, the latter with visible patches pasted),
+        for every sample when `playable` (`maeframe reconstruct`); the `mask`'s hidden patches are drawn grey
+        in the masked panel."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         hidden = None
@@ -101,7 +104,8 @@ class SpectrogramTokenizer(Tokenizer):
             hidden = self.untokenize(spread) > 0
         spectrogram_grid(panels, self.options.colormap, hidden).save(path)
         written = [path]
-        for i in range(min(self.options.audio_samples, panels.shape[0])):
+        sounds = panels.shape[0] if playable else min(self.options.audio_samples, panels.shape[0])
+        for i in range(sounds):
             for column, kind in ((0, "original"), (3, "reconstruction")):
                 wav = path.with_name(f"{path.stem}-{i}-{kind}.wav")
                 self.write_audio(panels[i, column, 0], wav)

@@ -91,9 +91,10 @@ class ImagePatchTokenizer(Tokenizer):
         x = patches.reshape(b, gh, gw, p, q, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(b, c, gh * p, gw * q)
 
-    def save_pictures(self, panels: Tensor, path: Path, mask: Mask | None = None) -> list[Path]:
+    def save_pictures(self, panels: Tensor, path: Path, mask: Mask | None = None, *,
+                      playable: bool = False) -> list[Path]:
         """panels [B, 4, C, H, W] -> a PNG of the `display_channels` (1 or 3 of the C)."""
-        return super().save_pictures(panels[:, :, self.options.drawn], path, mask)
+        return super().save_pictures(panels[:, :, self.options.drawn], path, mask, playable=playable)
 
 
 @hookimpl

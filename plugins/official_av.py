@@ -16,7 +16,9 @@ AudioMAE (facebookresearch/AudioMAE `models_mae.py` / `models_vit.py`) keeps the
 `patch_embed.proj.weight` [D, 1, pt, pf] is a Conv2d over the [1, T, F] fbank (time as height), and
 `pos_embed` [1, 1 + (T/pt)·(F/pf), D] is the MAE 2-D sin-cos of the (time, frequency) grid with a zero
 cls row -- the `spectrogram` tokenizer's grid and maeframe's sin-cos, so `official_to_maeframe` converts
-it once the decoder (whose local-attention blocks have other names) and the classifier are dropped.
+it once the decoder and the classifier are dropped. For reconstruction the decoder converts too
+(`audiomae_autoencoder_to_maeframe`): its `decoder_mode=1` blocks are Swin V2 blocks in shifted 4×4 windows,
+maeframe's `decoder_window_block: swin_v2`.
 """
 from __future__ import annotations
 
@@ -93,15 +95,88 @@ def videomae_to_maeframe(state_dict: Any, num_tokens: int | None = None) -> dict
                            f"{' ...' if len(unknown) > 8 else ''}")
     if "encoder.patch_embed.weight" not in out:
         raise InteropError("no patch_embed.proj.weight: not a VideoMAE checkpoint")
-    for key in [k for k in out if k.endswith(".attn.qkv.weight")]:
-        block = key[len("encoder."):-len(".qkv.weight")]
+    merge_qv_biases(out, biases, "encoder.")
+    return out
+
+
+def merge_qv_biases(out: dict[str, Tensor], biases: dict[str, dict[str, Tensor]], prefix: str) -> None:
+    """Give every `{prefix}blocks.{i}.attn.qkv.weight` in `out` the bias [q_bias, 0, v_bias] from `biases`
+    ({"blocks.{i}.attn": {"q_bias": ..., "v_bias": ...}}; zero when the block has none)."""
+    for key in [k for k in out if k.startswith(prefix) and k.endswith(".attn.qkv.weight")]:
+        block = key[len(prefix):-len(".qkv.weight")]
         pair = biases.get(block, {})
         if len(pair) == 1:
-            raise InteropError(f"{block}: has {next(iter(pair))} without its partner (q_bias and v_bias go together)")
+            raise InteropError(f"{prefix}{block}: has {next(iter(pair))} without its partner (q_bias and v_bias go "
+                               f"together)")
         width = out[key].shape[0] // 3
         q = pair.get("q_bias", out[key].new_zeros(width))
         v = pair.get("v_bias", out[key].new_zeros(width))
-        out[f"encoder.{block}.qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])
+        out[f"{prefix}{block}.qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])
+
+
+def videomae_decoder_to_maeframe(state_dict: Any, num_tokens: int | None = None) -> dict[str, Tensor]:
+    """The decoder of a VideoMAE pretraining checkpoint -> maeframe `decoder.*` tensors for layout "videomae"
+    ({} when the weights hold none, e.g. fine-tuned ones):
+        encoder_to_decoder.weight [d, D] (no bias)  -> decoder.embed.weight, decoder.embed.bias = 0
+        mask_token [1, 1, d]                        -> decoder.mask_token
+        decoder.blocks.{i}.* (q_bias/v_bias merged as in the encoder), decoder.norm.*, decoder.head.*
+    The decoder's positions are VideoMAE's sinusoid table at width d (a stored `pos_embed` of width d is
+    checked against it); its head predicts each tubelet laid out (t, p, q, C), as the `video_tube` tokenizer."""
+    state = unwrap_reference(state_dict)
+    out: dict[str, Tensor] = {}
+    biases: dict[str, dict[str, Tensor]] = {}
+    width = state["mask_token"].shape[-1] if "mask_token" in state else None
+    for key, value in state.items():
+        if key == "encoder_to_decoder.weight":
+            out["decoder.embed.weight"] = value
+            out.setdefault("decoder.embed.bias", value.new_zeros(value.shape[0]))
+        elif key == "encoder_to_decoder.bias":
+            out["decoder.embed.bias"] = value
+        elif key == "mask_token":
+            out["decoder.mask_token"] = value
+        elif key == "pos_embed" and value.shape[-1] == width:
+            _check_videomae_positions(value, num_tokens)
+        elif key.startswith("decoder.blocks.") and (".gamma_" in key):
+            raise InteropError(f"{key}: layer-scale weights (init_values > 0) have no counterpart in maeframe's "
+                               f"blocks")
+        elif key.startswith("decoder.blocks.") and key.endswith((".attn.q_bias", ".attn.v_bias")):
+            block, _, kind = key[len("decoder."):].rpartition(".")
+            biases.setdefault(block, {})[kind] = value
+        elif key.startswith(("decoder.blocks.", "decoder.norm.", "decoder.head.")):
+            out[key] = value
+    if out and not {"decoder.embed.weight", "decoder.mask_token", "decoder.head.weight"} <= set(out):
+        raise InteropError(f"an incomplete VideoMAE decoder: encoder_to_decoder.weight, mask_token and "
+                           f"decoder.head.weight are needed, found {sorted(out)[:6]}")
+    merge_qv_biases(out, biases, "decoder.")
+    return out
+
+
+def maeframe_to_videomae(state: dict[str, Tensor], spec) -> dict[str, Tensor]:
+    """A maeframe MaskedAutoencoder state dict of layout "videomae" -> VideoMAE pretraining names (the inverse
+    of `videomae_to_maeframe` + `videomae_decoder_to_maeframe`; for tests and hand-over). The qkv key biases
+    and the decoder.embed bias must be zero (VideoMAE has none)."""
+    out: dict[str, Tensor] = {}
+    dim = state["encoder.patch_embed.weight"].shape[0]
+    for key, value in state.items():
+        if key == "encoder.patch_embed.weight":
+            out["encoder.patch_embed.proj.weight"] = value.reshape(dim, *spec.patch_size, spec.channels) \
+                .permute(0, 4, 1, 2, 3).contiguous()
+        elif key == "encoder.patch_embed.bias":
+            out["encoder.patch_embed.proj.bias"] = value
+        elif key.endswith(".attn.qkv.bias"):
+            q, k, v = value.chunk(3)
+            if k.abs().max() > 0:
+                raise InteropError(f"{key}: VideoMAE's key projection has no bias, this one is not zero")
+            out[key.replace(".qkv.bias", ".q_bias")], out[key.replace(".qkv.bias", ".v_bias")] = q, v
+        elif key == "decoder.embed.weight":
+            out["encoder_to_decoder.weight"] = value
+        elif key == "decoder.embed.bias":
+            if value.abs().max() > 0:
+                raise InteropError("decoder.embed.bias: VideoMAE's encoder_to_decoder has no bias, this one is not zero")
+        elif key == "decoder.mask_token":
+            out["mask_token"] = value
+        else:
+            out[key] = value
     return out
 
 
@@ -133,6 +208,22 @@ def audiomae_to_maeframe(state_dict: Any, grid: tuple[int, int]) -> dict[str, Te
                            f"patches are not supported)")
     converted, _ = official_to_maeframe(state, tuple(grid))
     return {k: v for k, v in converted.items() if k.startswith("encoder.")}
+
+
+def audiomae_autoencoder_to_maeframe(state_dict: Any, grid: tuple[int, int]) -> dict[str, Tensor]:
+    """AudioMAE pretraining weights -> a whole maeframe MaskedAutoencoder state dict: the encoder as
+    `audiomae_to_maeframe`, the decoder renamed as MAE's (decoder_embed, mask_token, decoder_blocks.{i},
+    decoder_norm, decoder_pred -> decoder.embed, decoder.mask_token, decoder.blocks.{i}, decoder.norm,
+    decoder.head; the Swin V2 blocks of `decoder_mode=1` keep their inner names, which
+    `maeframe.model.cosine_window.CosineWindowedBlock` shares), `decoder_pos_embed` checked against the
+    grid's sin-cos. Weights without a decoder give the encoder only."""
+    state = {k: v for k, v in unwrap_reference(state_dict).items() if not k.startswith(("head.", "fc_norm."))}
+    encoder = audiomae_to_maeframe(state, grid)
+    decoder = {k: v for k, v in state.items() if k.startswith(AUDIOMAE_DROPPED[:2])}
+    if not decoder:
+        return encoder
+    converted, _ = official_to_maeframe(decoder, tuple(grid))
+    return {**encoder, **converted}
 
 
 def read_reference(path: str | Path) -> dict[str, Tensor]:

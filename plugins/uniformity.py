@@ -30,7 +30,7 @@ class UniformityOptions(Options):
 class Uniformity(Loss):
     """log of the mean of exp(-t·|z_i - z_j|²) over the B·(B-1) ordered pairs i != j of the batch.
 
-    z [B, D]: prediction.latent [B, 1 + V, D] without the cls token (index 0), averaged over the V
+    z [B, D]: prediction.latent [B, 1 + V, D] without the cls token (index 0, when `has_cls`), averaged over the V
     visible tokens and L2-normalised. Target and mask are not read. Computed with logsumexp in fp32;
     the diagonal is excluded by setting it to -inf (no boolean indexing, no host sync). Needs B >= 2
     (ValueError otherwise); gradients reach the encoder only.
@@ -40,13 +40,14 @@ class Uniformity(Loss):
 
     def __call__(self, prediction: Prediction, target: TargetOut, mask: Mask) -> Tensor:
         latent = prediction.latent
-        if latent.dim() != 3 or latent.shape[1] < 2:
-            raise ValueError(f"uniformity loss needs latent [B, 1 + V, D] with at least one visible token, "
-                             f"got {list(latent.shape)}")
+        start = 1 if prediction.has_cls else 0
+        if latent.dim() != 3 or latent.shape[1] < start + 1:
+            raise ValueError(f"uniformity loss needs latent [B, {'1 + ' * start}V, D] with at least one visible "
+                             f"token, got {list(latent.shape)}")
         batch = latent.shape[0]
         if batch < 2:
             raise ValueError(f"uniformity loss compares samples of a batch and needs batch size >= 2, got {batch}")
-        z = F.normalize(latent[:, 1:].float().mean(dim=1), dim=-1)            # [B, D]
+        z = F.normalize(latent[:, start:].float().mean(dim=1), dim=-1)            # [B, D]
         squared = z.pow(2).sum(dim=-1)
         distance2 = (squared[:, None] + squared[None, :] - 2.0 * z @ z.T).clamp_min(0.0)   # [B, B]
         diagonal = torch.eye(batch, dtype=torch.bool, device=z.device)

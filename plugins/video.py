@@ -74,9 +74,11 @@ class VideoTubeTokenizer(Tokenizer):
         x = patches.reshape(b, gt, gh, gw, t, p, q, c).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(b, c, gt * t, gh * p, gw * q)
 
-    def save_pictures(self, panels: Tensor, path: Path, mask: Mask | None = None) -> list[Path]:
+    def save_pictures(self, panels: Tensor, path: Path, mask: Mask | None = None, *,
+                      playable: bool = False) -> list[Path]:
         """panels [B, 4, C, T, H, W] in [0, 1] -> `path` (PNG: per sample 4 rows × T frames) and
-        `path` with suffix .gif (per sample one row of the 4 panels side by side, animated over T)."""
+        `path` with suffix .gif (per sample one row of the 4 panels side by side, animated over T). The GIF is
+        always written, so `playable` adds nothing."""
         if panels.dim() != 6 or panels.shape[2] not in (1, 3):
             return []
         path = Path(path)
@@ -149,10 +151,11 @@ def register_tokenizers(register):
 
 
 @hookimpl
-def validate_recipe(recipe):
+def validate_recipe(recipe, layout):
     """The ViT's sin-cos position embedding of a 3-D grid splits each width into sin and cos over three
-    axes: reject widths that are not multiples of 6 before training starts, not when the model is built."""
-    if recipe.tokenizer.name != "video_tube":
+    axes: reject widths that are not multiples of 6 before training starts, not when the model is built
+    (weights that bring their own position table, e.g. VideoMAE's, have no such constraint)."""
+    if recipe.tokenizer.name != "video_tube" or layout.positions is not None:
         return
     model = getattr(recipe, "model", None)
     for field in ("embed_dim", "decoder_embed_dim"):

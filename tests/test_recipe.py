@@ -57,7 +57,7 @@ def test_overrides_parse_yaml_values_and_list_indices():
 
 def test_resolved_options_carry_defaults():
     prepared = prepare(QUICKSTART)
-    assert prepared.recipe.target.options == {"norm_pix": True, "eps": 1e-6}
+    assert prepared.recipe.target.options == {"norm_pix": True, "eps": 1e-6, "norm_over": "patch", "eps_after_sqrt": False}
 
 
 def test_cli_rejects_a_bad_recipe_before_writing_anything(tmp_path, capsys):

@@ -81,7 +81,7 @@ def prepare_tree(weights: Weights, tree: dict[str, Any], overrides: list[str] = 
         apply_override(tree, assignment)
     source = f"{weights.path} (its recipe)"
     try:
-        prepared = prepare(parse_recipe(tree, source))
+        prepared = prepare(parse_recipe(tree, source), layout=weights.reader.layout)
     except RecipeError as err:
         raise RecipeError(err.problems, source) from None
     prepared.source = source
@@ -89,12 +89,14 @@ def prepare_tree(weights: Weights, tree: dict[str, Any], overrides: list[str] = 
 
 
 def load_autoencoder(weights: Weights, prepared: Prepared) -> MaskedAutoencoder:
-    """The recipe's MaskedAutoencoder with every tensor (encoder and decoder) from the weights, in eval mode.
+    """The recipe's MaskedAutoencoder (in the format's layout) with every tensor (encoder and decoder) from the
+    weights (`WeightFormat.read_autoencoder`), in eval mode.
     Weights that do not fit (names or shapes) are an error naming the file and the first differences."""
     recipe, components = prepared.recipe, prepared.components
-    model = MaskedAutoencoder(components.tokenizer.spec, components.target.out_dim, recipe.model)
+    model = MaskedAutoencoder(components.tokenizer.spec, components.target.out_dim, recipe.model, weights.reader.layout)
     try:
-        state = weights.reader.read(weights.path, components.tokenizer.spec, recipe.model, recipe.tokenizer.options)
+        state = weights.reader.read_autoencoder(weights.path, components.tokenizer.spec, recipe.model,
+                                                recipe.tokenizer.options)
     except (InteropError, ValueError) as err:
         raise MaeframeError(str(err) if str(weights.path) in str(err) else f"{weights.path}: {err}") from None
     own = model.state_dict()

@@ -4,7 +4,8 @@ Each input is read with the weights' evaluation preprocessing (`engine/files.py`
 masker or another one, drawn from `seed`, or an explicit mask file), encoded and decoded one at a time;
 its masked-region loss is the recipe's weighted loss terms exactly as training computes them
 (`engine/step.py mae_losses`), and its pictures are the training run's reconstruction panels drawn by the
-tokenizer (`Tokenizer.save_pictures`: PNG, GIF for video, spectrogram PNG and optional WAVs for audio).
+tokenizer (`Tokenizer.save_pictures` with `playable`: PNG, GIF for video, spectrogram PNG and Griffin-Lim WAVs
+for audio).
 `reconstruct.json` lists per input the loss, its terms, the mask ratio and the files written.
 """
 from __future__ import annotations
@@ -132,7 +133,8 @@ def write_outputs(out: Path, results: list[Reconstruction], tokenizer, facts: di
             if result.panels is None:
                 continue
             mask = Mask.from_bool(result.masked[None] > 0)
-            drawn = tokenizer.save_pictures(result.panels[None], staging / f"{i:03d}-{Path(result.path).stem}.png", mask)
+            drawn = tokenizer.save_pictures(result.panels[None], staging / f"{i:03d}-{Path(result.path).stem}.png", mask,
+                                            playable=True)
             for file in drawn:
                 os.replace(file, out / Path(file).name)
                 result.files.append(str(out / Path(file).name))

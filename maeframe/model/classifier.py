@@ -86,12 +86,8 @@ class Classifier(nn.Module):
             self.fc_norm: nn.Module = nn.Identity()
         else:
             self.encoder = Encoder(spec.grid, spec.patch_dim, config.embed_dim, config.depth, config.num_heads,
-                                   config.mlp_ratio, config.drop_path)
+                                   config.mlp_ratio, config.drop_path, layout=layout)
             width = config.embed_dim
-            if not layout.cls_token:
-                self.encoder.cls_token = None            # unregisters it (e.g. VideoMAE has none)
-            if layout.positions is not None:             # the weights' own fixed position table
-                self.encoder.pos_embed = layout.positions(spec.num_tokens, width)[None]
             if pool == "avg":
                 self.encoder.norm = nn.Identity()
                 self.fc_norm = LayerNorm(width)

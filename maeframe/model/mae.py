@@ -7,21 +7,25 @@ from ..loss import Prediction
 from ..masker import Mask
 from ..recipe import ModelConfig
 from ..tokenizer import TokenSpec
+from ..weights import EncoderLayout
 from .vit import Decoder, Encoder
 
 
 class MaskedAutoencoder(nn.Module):
-    """Built from the tokenizer's `TokenSpec` and the target's output size."""
+    """Built from the tokenizer's `TokenSpec` and the target's output size. `layout`: how another project's
+    weights run (a `WeightFormat.layout`, e.g. VideoMAE's: no cls token, its own position table in the
+    encoder and the decoder); maeframe's own models use the default."""
 
-    def __init__(self, spec: TokenSpec, out_dim: int, config: ModelConfig):
+    def __init__(self, spec: TokenSpec, out_dim: int, config: ModelConfig, layout: EncoderLayout = EncoderLayout()):
         super().__init__()
-        self.spec = spec
+        self.spec, self.layout = spec, layout
         self.encoder = Encoder(spec.grid, spec.patch_dim, config.embed_dim, config.depth, config.num_heads,
-                               config.mlp_ratio, config.drop_path, config.activation_checkpointing)
+                               config.mlp_ratio, config.drop_path, config.activation_checkpointing, layout)
         self.decoder = Decoder(spec.grid, config.embed_dim, out_dim, config.decoder_embed_dim,
                                config.decoder_depth, config.decoder_num_heads, config.mlp_ratio,
                                config.decoder_window if config.decoder_attention == "local" else None,
-                               config.decoder_window_shift, config.activation_checkpointing)
+                               config.decoder_window_shift, config.activation_checkpointing, layout,
+                               config.decoder_window_block)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -35,13 +39,15 @@ class MaskedAutoencoder(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-        nn.init.normal_(self.encoder.cls_token, std=0.02)
+        if self.encoder.cls_token is not None:
+            nn.init.normal_(self.encoder.cls_token, std=0.02)
         nn.init.normal_(self.decoder.mask_token, std=0.02)
 
     def forward(self, patches: Tensor, mask: Mask) -> Prediction:
-        """patches [B, N, patch_dim] -> Prediction(values [B, N, out_dim], latent [B, 1 + V, D])."""
+        """patches [B, N, patch_dim] -> Prediction(values [B, N, out_dim], latent [B, 1 + V, D]; [B, V, D]
+        without a cls token)."""
         latent = self.encoder(patches, mask.ids_keep)
-        return Prediction(self.decoder(latent, mask.ids_restore), latent)
+        return Prediction(self.decoder(latent, mask.ids_restore), latent, self.layout.cls_token)
 
     def no_weight_decay(self) -> set[str]:
         return {"encoder.cls_token", "decoder.mask_token"}

@@ -1,6 +1,7 @@
 """ViT encoder over visible tokens and the lightweight MAE decoder, built from timm's `Block`."""
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -8,6 +9,7 @@ from timm.models import checkpoint_seq
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from ..weights import EncoderLayout
 from .drop_path import use_row_drop_path
 from .pos_embed import sincos_pos_embed
 from .windowed import make_windowed_blocks
@@ -38,31 +40,46 @@ def make_blocks(dim: int, depth: int, heads: int, mlp_ratio: float, drop_path: f
     return blocks
 
 
+def position_table(grid: tuple[int, ...], dim: int, layout: EncoderLayout) -> Tensor:
+    """[1, prod(grid), dim] fixed positions: the grid's per-axis sin-cos, or the layout's own table."""
+    if layout.positions is None:
+        return sincos_pos_embed(tuple(grid), dim)[None]
+    return layout.positions(math.prod(grid), dim)[None]
+
+
 class Encoder(nn.Module):
     """Patch embedding + fixed sin-cos positions + cls token + transformer blocks + final norm.
 
     The patch embedding is a Linear over flat patches (equal to the stride-p convolution of the reference)
-    and runs on visible patches only.
+    and runs on visible patches only. `layout` (another project's weights, e.g. VideoMAE's) may drop the
+    cls token (no `cls_token` parameter; latents then hold the visible tokens only) and replace the
+    sin-cos positions by its own table.
     """
 
     def __init__(self, grid: tuple[int, ...], patch_dim: int, embed_dim: int, depth: int, num_heads: int,
-                 mlp_ratio: float = 4.0, drop_path: float = 0.0, recompute: bool = False):
+                 mlp_ratio: float = 4.0, drop_path: float = 0.0, recompute: bool = False,
+                 layout: EncoderLayout = EncoderLayout()):
         super().__init__()
         self.grid, self.recompute = tuple(grid), recompute
         self.embed_dim = embed_dim
         self.patch_embed = nn.Linear(patch_dim, embed_dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.register_buffer("pos_embed", sincos_pos_embed(self.grid, embed_dim)[None], persistent=False)
+        if layout.cls_token:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        else:
+            self.register_parameter("cls_token", None)
+        self.register_buffer("pos_embed", position_table(self.grid, embed_dim, layout), persistent=False)
         self.blocks = make_blocks(embed_dim, depth, num_heads, mlp_ratio, drop_path)
         self.norm = LayerNorm(embed_dim)
 
     def embed(self, patches: Tensor, ids_keep: Tensor | None = None) -> Tensor:
         """patches [B, N, patch_dim], ids_keep [B, V] (None = all N tokens) -> the blocks' input [B, 1 + V, D]:
-        patch embedding + positions of the kept tokens, the cls token first."""
+        patch embedding + positions of the kept tokens, the cls token first ([B, V, D] without one)."""
         pos = self.pos_embed.expand(patches.shape[0], -1, -1)
         if ids_keep is not None:
             patches, pos = gather_tokens(patches, ids_keep), gather_tokens(pos, ids_keep)
         x = self.patch_embed(patches) + pos
+        if self.cls_token is None:
+            return x
         return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
 
     def forward(self, patches: Tensor, ids_keep: Tensor | None = None) -> Tensor:
@@ -85,28 +102,36 @@ class Decoder(nn.Module):
 
     def __init__(self, grid: tuple[int, ...], encoder_dim: int, out_dim: int, embed_dim: int, depth: int,
                  num_heads: int, mlp_ratio: float = 4.0, window: tuple[int, int] | None = None,
-                 window_shift: tuple[int, int] | None = None, recompute: bool = False):
+                 window_shift: tuple[int, int] | None = None, recompute: bool = False,
+                 layout: EncoderLayout = EncoderLayout(), window_block: str = "vit"):
         """window: None = global attention; (wt, wf) = local shifted-window attention on a 2-D grid.
-        recompute: activation checkpointing of the blocks."""
+        window_block: the local blocks' kind ("vit" or "swin_v2", see `make_windowed_blocks`).
+        recompute: activation checkpointing of the blocks. layout: the encoder's; without a cls token the
+        latent holds visible tokens only and the blocks see the N grid tokens alone (VideoMAE's decoder),
+        with the layout's position table at the decoder's width."""
         super().__init__()
-        self.recompute = recompute
+        if window is not None and not layout.cls_token:
+            raise ValueError("local decoder attention needs the cls-token layout (its blocks expect 1 + N tokens)")
+        self.recompute, self.has_cls = recompute, layout.cls_token
         self.embed = nn.Linear(encoder_dim, embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.register_buffer("pos_embed", sincos_pos_embed(tuple(grid), embed_dim)[None], persistent=False)
+        self.register_buffer("pos_embed", position_table(tuple(grid), embed_dim, layout), persistent=False)
         if window is None:
             self.blocks = make_blocks(embed_dim, depth, num_heads, mlp_ratio)
         else:
             self.blocks = make_windowed_blocks(embed_dim, depth, num_heads, mlp_ratio, tuple(grid), window,
-                                               window_shift)
+                                               window_shift, window_block)
         self.norm = LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, out_dim)
 
     def forward(self, latent: Tensor, ids_restore: Tensor) -> Tensor:
-        """latent [B, 1 + V, D_enc], ids_restore [B, N] -> predictions [B, N, out_dim]."""
+        """latent [B, 1 + V, D_enc] ([B, V, D_enc] without a cls token), ids_restore [B, N] -> predictions
+        [B, N, out_dim]."""
         x = self.embed(latent)
-        cls, visible = x[:, :1], x[:, 1:]
+        start = 1 if self.has_cls else 0
+        cls, visible = x[:, :start], x[:, start:]
         hidden = ids_restore.shape[1] - visible.shape[1]
         x = torch.cat([visible, self.mask_token.expand(x.shape[0], hidden, -1)], dim=1)
         x = gather_tokens(x, ids_restore) + self.pos_embed
         x = self.norm(run_blocks(self.blocks, torch.cat([cls, x], dim=1), self.recompute))
-        return self.head(x[:, 1:])
+        return self.head(x[:, start:])

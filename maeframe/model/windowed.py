@@ -101,6 +101,16 @@ class WindowedAttention(nn.Module):
         bias = torch.zeros(mask.shape, dtype=self.qkv.weight.dtype, device=mask.device)
         return bias.masked_fill(~mask, float("-inf"))[:, None]
 
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Scaled dot-product attention within each window: q, k, v [B·nW, H, W, hd] (the windows of one sample
+        consecutive) -> [B·nW, H, W, hd]; pairs that were not neighbours before the shift are masked out."""
+        bias = self._bias()
+        if bias is not None:                                                   # [nW, 1, W, W]
+            bw, h, w, _ = q.shape
+            nw = bias.shape[0]
+            bias = bias.to(q.dtype).expand(nw, h, w, w).repeat(bw // nw, 1, 1, 1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
     def forward(self, x: Tensor) -> Tensor:
         b, n, d = x.shape
         (t, f), (st, sf) = self.grid, self.shift
@@ -114,11 +124,7 @@ class WindowedAttention(nn.Module):
         windows = _partition(grid, self.window)                                # [B·nW, W, 3·H·hd]
         bw, w, _ = windows.shape
         q, k, v = windows.view(bw, w, 3, h, hd).permute(2, 0, 3, 1, 4)         # each [B·nW, H, W, hd]
-        nw = bw // b
-        bias = self._bias()
-        if bias is not None:                                                   # [nW, 1, W, W]
-            bias = bias.to(q.dtype).expand(nw, h, w, w).repeat(b, 1, 1, 1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)         # [B·nW, H, W, hd]
+        out = self.attend(q, k, v)                                             # [B·nW, H, W, hd]
         out = _unpartition(out.transpose(1, 2).reshape(bw, w, d), self.window, (t, f))  # [B, T, F, D]
         if st or sf:
             out = torch.roll(out, shifts=(st, sf), dims=(1, 2))
@@ -160,11 +166,16 @@ class WindowedBlock(nn.Module):
 
 
 def make_windowed_blocks(dim: int, depth: int, heads: int, mlp_ratio: float, grid: tuple[int, int],
-                         window: tuple[int, int], shift: tuple[int, int] | None = None) -> nn.Sequential:
-    """`depth` WindowedBlocks; odd-indexed ones (the 2nd, 4th, ...) are shifted by `shift` (default half
-    the window per axis, Swin; AudioMAE's 64×8 grid uses window (4, 4) and shift (2, 0)). Same call shape
-    as the core's `make_blocks` plus the grid and window."""
+                         window: tuple[int, int], shift: tuple[int, int] | None = None,
+                         block: str = "vit") -> nn.Sequential:
+    """`depth` windowed blocks; odd-indexed ones (the 2nd, 4th, ...) are shifted by `shift` (default half
+    the window per axis, Swin; AudioMAE's 64×8 grid uses window (4, 4) and shift (2, 0)). block: "vit"
+    (`WindowedBlock`) or "swin_v2" (`CosineWindowedBlock`, AudioMAE's decoder). Same call shape as the
+    core's `make_blocks` plus the grid and window."""
+    from .cosine_window import CosineWindowedBlock  # it builds on this module
+
+    kind = {"vit": WindowedBlock, "swin_v2": CosineWindowedBlock}[block]
     window = tuple(window)
     shift = tuple(w // 2 for w in window) if shift is None else tuple(shift)
-    return nn.Sequential(*[WindowedBlock(dim, heads, grid, window, shift if i % 2 else (0, 0), mlp_ratio)
+    return nn.Sequential(*[kind(dim, heads, grid, window, shift if i % 2 else (0, 0), mlp_ratio)
                            for i in range(depth)])
