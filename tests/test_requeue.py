@@ -89,3 +89,19 @@ def test_two_processes_may_resume_one_with_the_same_global_batch_only(tmp_path, 
                            "-m", "maeframe", "run", str(QUICKSTART), *tiny(tmp_path), "data.batch_size=8", "--resume"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_a_checkpoint_of_an_older_maeframe_resumes(tmp_path):
+    """A checkpoint written before a recipe field existed (here model.decoder_window_block and runtime.loggers)
+    resumes: the absent field takes its default, which is the old behaviour, and is not reported as a change."""
+    import torch
+
+    assert cli(tmp_path, "runtime.max_steps=3") == 0
+    last = tmp_path / "quickstart" / "last.pt"
+    state = torch.load(last, weights_only=False)
+    del state["recipe"]["model"]["decoder_window_block"], state["recipe"]["runtime"]["loggers"]
+    state["recipe"]["runtime"]["tensorboard"] = False  # what the tiny runs set, before runtime.loggers
+    torch.save(state, last)
+    assert cli(tmp_path, "--resume", "runtime.max_steps=4") == 0
+    resumes = json.loads((tmp_path / "quickstart" / "run.json").read_text())["resumes"]
+    assert list(resumes[0]["changed"]) == ["runtime.max_steps"]

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import MaeframeError
-from ..recipe import flatten_tree
+from ..errors import MaeframeError, RecipeError
+from ..recipe import flatten_tree, parse_recipe
 
 # fields a resume may change: where and how the steps run, what is logged and kept, when the run stops
 HARMLESS = ("runtime.log_interval", "runtime.progress_bar", "runtime.loggers", "runtime.tensorboard", "runtime.threads",
@@ -24,9 +24,20 @@ def _harmless(field: str) -> bool:
     return any(field == name or field.startswith(name + ".") for name in HARMLESS)
 
 
+def in_current_schema(recipe: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's recipe as this version resolves it: fields added since it was written take their defaults
+    (which keep the old behaviour), so a new field is not mistaken for a change. A recipe this version cannot
+    read is compared as written."""
+    try:
+        return parse_recipe(recipe).model_dump(mode="json")
+    except RecipeError:
+        return recipe
+
+
 def recipe_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """{field: (old value, new value)} for every resolved-recipe field that differs."""
-    a, b = flatten_tree(old), flatten_tree(new)
+    """{field: (old value, new value)} for every resolved-recipe field that differs; `old` is read with the
+    current schema first."""
+    a, b = flatten_tree(in_current_schema(old)), flatten_tree(new)
     missing = "(absent)"
     return {key: (a.get(key, missing), b.get(key, missing)) for key in dict.fromkeys([*a, *b])
             if a.get(key, missing) != b.get(key, missing)}
