@@ -23,6 +23,8 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time `__getattr_
     from .run_logger import RunLogger, RunStart
     from .seeding import python_numpy_seeded
     from .weights import EncoderLayout, WeightFormat
+    from .model.pos_embed import flat_sincos_pos_embed
+    from .model.mae import recipe_layout
     from .tokenizer import Tokenizer, Tokens, TokenSpec, as_pair
     from .engine.reconstruct import reconstruct
     from .engine.embed import embed
@@ -36,7 +38,8 @@ _LAZY = {  # public name -> submodule defining it (each imports torch)
     "visible_count": "masker", "Target": "target", "TargetOut": "target", "PatchValues": "target", "Tokenizer": "tokenizer",
     "Tokens": "tokenizer", "TokenSpec": "tokenizer", "as_pair": "tokenizer", "python_numpy_seeded": "seeding",
     "prepare": "build", "build_component": "registry", "component_class": "registry",
-    "WeightFormat": "weights", "EncoderLayout": "weights", "RunLogger": "run_logger", "RunStart": "run_logger",
+    "WeightFormat": "weights", "EncoderLayout": "weights", "flat_sincos_pos_embed": "model.pos_embed",
+    "recipe_layout": "model.mae", "RunLogger": "run_logger", "RunStart": "run_logger",
     # tools for notebooks: the engine behind `maeframe reconstruct` and `maeframe embed`
     "reconstruct": "engine.reconstruct", "embed": "engine.embed", "load_embeddings": "engine.embed_store",
 }

@@ -15,6 +15,7 @@ from .dataset import Dataset
 from .errors import OptionError, PluginError, RecipeError
 from .loss import Loss
 from .masker import Masker
+from .model.mae import recipe_layout
 from .model.windowed import resolve_window
 from .plugins import make_plugin_manager
 from .recipe import RECIPE_TYPES, AnyRecipe, ComponentRef, RuntimeConfig, load_recipe, resolve_options
@@ -95,10 +96,11 @@ def _construct(path: str, factory, *args):
         raise RecipeError([(path, f"{type(err).__name__}: {err}")]) from err
 
 
-def prepare(recipe: AnyRecipe | str | Path, overrides: list[str] = (), layout: EncoderLayout = EncoderLayout()) -> Prepared:
+def prepare(recipe: AnyRecipe | str | Path, overrides: list[str] = (), layout: EncoderLayout | None = None) -> Prepared:
     """Validate a recipe fully (schema, component options, construction, plugin checks) and build the
     per-step components. Touches no data and writes nothing. `layout`: the one the model will run in (another
-    project's weights), handed to the `validate_recipe` hooks."""
+    project's weights; None: the pretraining recipe's own, `model.cls_token` / `model.positions`), handed to
+    the `validate_recipe` hooks."""
     source = "recipe"
     if not isinstance(recipe, RECIPE_TYPES):
         source = str(recipe)
@@ -114,7 +116,7 @@ def prepare(recipe: AnyRecipe | str | Path, overrides: list[str] = (), layout: E
     return prepared
 
 
-def _prepare(recipe: AnyRecipe, pm: pluggy.PluginManager, registry: Registry, layout: EncoderLayout) -> Prepared:
+def _prepare(recipe: AnyRecipe, pm: pluggy.PluginManager, registry: Registry, layout: EncoderLayout | None) -> Prepared:
     options = resolve_options(recipe, registry)
     get = lambda kind, ref: registry.get(kind, ref.name).cls  # noqa: E731
     _check_repeats(recipe, options, get)
@@ -143,6 +145,10 @@ def _prepare(recipe: AnyRecipe, pm: pluggy.PluginManager, registry: Registry, la
     losses = [(label, ref.weight,
                _construct(f"losses.{i}", get("loss", ref), options[f"losses.{i}"], tokenizer))
               for i, (label, ref) in enumerate(zip(labels, recipe.losses))]
+    layout = layout or recipe_layout(model)
+    if recipe.monitor is not None and recipe.monitor.pool == "cls" and not layout.cls_token:
+        raise RecipeError([("monitor.pool", "cls, but the encoder has no cls token (model.cls_token: false); "
+                                            "use avg")])
     _run_validate_hook(pm, recipe, layout)
     return Prepared(recipe, pm, registry, Components(tokenizer, masker, target, losses, loggers=loggers))
 

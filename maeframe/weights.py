@@ -38,6 +38,22 @@ class WeightFormat(Component):
         """The encoder layout these weights need; default: maeframe's (cls token, sin-cos positions)."""
         return EncoderLayout()
 
+    def layout_for(self, path: Path) -> EncoderLayout:
+        """The encoder layout the weights at `path` need, for formats whose files differ in layout (a maeframe
+        checkpoint records the one it was trained in); default: `layout`, the same for every file."""
+        return self.layout
+
+    def to_transformers(self, model: dict[str, Tensor], prepared: Any, layout: EncoderLayout,
+                        encoder_only: bool) -> tuple[dict[str, Any], dict[str, Tensor]] | None:
+        """`maeframe export --format hf` of a checkpoint that is not a 2-D ViT with cls token and sin-cos (those
+        export as ViTMAE / ViT in the core): the checkpoint's `model` tensors (maeframe names), its recipe
+        `prepared` (a `maeframe.build.Prepared`) and the `layout` it trained in -> (config.json as a dict,
+        {tensor name: tensor} of model.safetensors) for this format's transformers class, the decoder included
+        unless `encoder_only`. None: the checkpoint is not of this format's kind (e.g. another token grid); an
+        InteropError naming what to set in the recipe: it is, but transformers would compute something else.
+        Default: None (the format writes no transformers directories)."""
+        return None
+
     def recipe_for(self, path: Path) -> dict[str, Any]:
         """A pretraining recipe tree (plain values) describing how the weights at `path` run: `tokenizer` (name,
         options), `model` (sizes, decoder included when stored), `masker`, `target`, `losses` and `data.train`

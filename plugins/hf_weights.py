@@ -25,6 +25,7 @@ from maeframe import EncoderLayout, WeightFormat, hookimpl
 from maeframe.interop import (InteropError, canonical_hf_name, check_hf_config, check_hf_shapes, hf_grid,
                               hf_to_official, official_to_maeframe, read_hf_directory, reference_block_name)
 
+from .hf_videomae_export import to_videomae
 from .official_av import videomae_positions, videomae_to_maeframe
 
 VIT_TYPES = ("vit", "vit_mae")
@@ -110,6 +111,12 @@ class HFVideoMAEWeights(WeightFormat):
     @property
     def layout(self) -> EncoderLayout:
         return EncoderLayout(cls_token=False, positions=videomae_positions)
+
+    def to_transformers(self, model: dict[str, Tensor], prepared, layout: EncoderLayout,
+                        encoder_only: bool) -> tuple[dict[str, Any], dict[str, Tensor]] | None:
+        """`video_tube` checkpoints in VideoMAE's layout as VideoMAEForPreTraining / VideoMAEModel
+        (plugins/hf_videomae_export.py says what exports exactly)."""
+        return to_videomae(model, prepared, layout, encoder_only)
 
     def read(self, path: Path, spec, model, tokenizer_options: dict[str, Any]) -> dict[str, Tensor]:
         config, tensors = read_hf_directory(path)

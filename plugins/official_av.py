@@ -29,20 +29,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from maeframe import flat_sincos_pos_embed
 from maeframe.interop import InteropError, official_to_maeframe
 
 VIDEOMAE_DROPPED = ("encoder_to_decoder.", "mask_token", "decoder.", "head.", "fc_norm.", "fc_dropout.")
 AUDIOMAE_DROPPED = ("decoder_", "mask_token", "head.", "fc_norm.")
 
 
-def videomae_positions(num_tokens: int, dim: int) -> Tensor:
-    """VideoMAE's fixed position table [num_tokens, dim] float32: token n, channel j gets
-    n / 10000^(2·(j // 2) / dim), through sin on even channels and cos on odd ones."""
-    exponent = 2 * (torch.arange(dim, dtype=torch.float64) // 2) / dim
-    angles = torch.arange(num_tokens, dtype=torch.float64)[:, None] / 10000.0 ** exponent[None, :]
-    table = torch.empty_like(angles)
-    table[:, 0::2], table[:, 1::2] = angles[:, 0::2].sin(), angles[:, 1::2].cos()
-    return table.float()
+# VideoMAE's fixed position table [num_tokens, dim]: the core's sinusoid over the flattened token order
+videomae_positions = flat_sincos_pos_embed
 
 
 def unwrap_reference(state: Any) -> dict[str, Tensor]:

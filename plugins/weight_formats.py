@@ -9,7 +9,7 @@ from typing import Any
 from timm.data.constants import IMAGENET_DEFAULT_STD
 from torch import Tensor
 
-from maeframe import EncoderLayout, WeightFormat, hookimpl
+from maeframe import EncoderLayout, WeightFormat, component_class, hookimpl, recipe_layout
 from maeframe.interop import InteropError, checkpoint_entry, infer_config, load_checkpoint, official_to_maeframe, read_official
 
 from .official_av import (audiomae_autoencoder_to_maeframe, audiomae_to_maeframe, read_reference, videomae_decoder_to_maeframe, videomae_positions,
@@ -65,6 +65,24 @@ class MaeframeWeights(WeightFormat):
             raise InteropError(f"init.checkpoint: {err}; for reference weights set init.format: official_mae") from None
         check_recorded_architecture(state.get("recipe", {}), path, model, tokenizer_options)
         return state["model"]
+
+    def layout_for(self, path: Path) -> EncoderLayout:
+        """The layout the checkpoint's run trained in: a pretraining recipe's `model.cls_token` /
+        `model.positions`; a downstream run's is that of the weights it started from (its recorded `init`)."""
+        recipe = self.recipe_for(path)
+        if recipe.get("task", "pretrain") == "pretrain":
+            return recipe_layout(recipe.get("model", {}))
+        init = recipe.get("init", {})
+        name = init.get("format", "maeframe")
+        if name == "none":
+            return EncoderLayout()
+        cls = component_class("weight_format", name)
+        try:
+            return cls(cls.Options()).layout_for(Path(init["checkpoint"]))
+        except (FileNotFoundError, InteropError) as err:
+            raise InteropError(f"{path}: the layout of a downstream checkpoint is that of the weights its run "
+                               f"started from (init.checkpoint {init['checkpoint']!r}), which cannot be read: "
+                               f"{err}") from None
 
     def recipe_for(self, path: Path) -> dict[str, Any]:
         """The recipe the checkpoint's run recorded (a pretraining or a downstream one)."""

@@ -28,7 +28,7 @@ def downstream_features(weights: Weights, device: torch.device, pool: str) -> Ca
     state = load_checkpoint(weights.path)["model"]
     bn_head = "head.1.weight" in state  # the linear probe's BatchNorm before the linear layer
     classes = state["head.1.weight" if bn_head else "head.weight"].shape[0]
-    layout = encoder_layout(prepared.components.weight_format)
+    layout = encoder_layout(prepared.components.weight_format, recipe.init)
     if pool == "all" and not layout.cls_token:
         raise MaeframeError(f"--pool all: {weights.path} has an encoder without cls token; use --pool avg")
     model = Classifier(tokenizer.spec, recipe.model, classes, recipe.head.pool, bn_head=bn_head, layout=layout)

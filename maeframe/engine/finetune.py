@@ -106,7 +106,7 @@ class FineTuner(Trainer):
         recipe = self.recipe
         head, fmt = recipe.head, self.prepared.components.weight_format
         model = Classifier(self.tokenizer.spec, recipe.model, len(self.classes), head.pool, bn_head=self.bn_head,
-                           features=head.features, layout=encoder_layout(fmt))
+                           features=head.features, layout=encoder_layout(fmt, recipe.init))
         model.reset_parameters(head.init_std or self.default_head_std)
         self.unused_keys: list[str] = []
         if fmt is not None and model.encoder is not None:

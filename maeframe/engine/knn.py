@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..errors import MaeframeError
 from ..tokenizer import Tokenizer
 from .distributed import World, map_dataset
 
@@ -17,14 +18,18 @@ def encode_dataset(encoder: torch.nn.Module, tokenizer: Tokenizer, dataset: Data
                    batch_size: int = 256, pool: str = "mean", num_workers: int = 0,
                    world: World = World()) -> tuple[Tensor, Tensor]:
     """Features of every sample with all tokens visible: ([N, D] float32 on CPU, [N] long labels).
-    pool: "mean" over patch tokens, "cls", or "all" (every token: [N, 1 + L, D]); num_workers: DataLoader processes decoding the samples. Under
+    pool: "mean" over patch tokens, "cls", or "all" (every token: [N, 1 + L, D], [N, L, D] without a cls token); num_workers: DataLoader processes decoding the samples. Under
     torchrun each rank encodes its share and every rank gets all features (`map_dataset`)."""
     was_training = encoder.training
     encoder.eval()
 
+    start = 0 if encoder.cls_token is None else 1  # an encoder without cls token: every row is a patch token
+    if pool == "cls" and not start:
+        raise MaeframeError("pool cls: the encoder has no cls token (model.cls_token: false); pool avg instead")
+
     def features(batch: Tensor) -> Tensor:
         latent = encoder(tokenizer.tokenize(batch.to(device)).patches)
-        pooled = {"mean": lambda: latent[:, 1:].mean(1), "cls": lambda: latent[:, 0], "all": lambda: latent}[pool]()
+        pooled = {"mean": lambda: latent[:, start:].mean(1), "cls": lambda: latent[:, 0], "all": lambda: latent}[pool]()
         return pooled.float().cpu()
 
     out = map_dataset(features, dataset, world, batch_size, num_workers)

@@ -16,7 +16,7 @@ from ..build import Prepared, build_dataset
 from ..errors import MaeframeError
 from ..interop.encoder_weights import encoder_layout, load_encoder, pretrained_encoder_state
 from ..model.classifier import Classifier
-from ..model.vit import Encoder
+from ..model.vit import Encoder, LayerNorm
 from ..recipe import dump_recipe
 from .distributed import barrier, map_dataset, shutdown_world
 from .downstream import dataset_classes, dataset_views, eval_label_map, relabel
@@ -33,11 +33,14 @@ def build_encoder(prepared: Prepared, device: torch.device) -> Encoder:
     unless that is none; frozen, in eval mode."""
     recipe, fmt = prepared.recipe, prepared.components.weight_format
     spec = prepared.components.tokenizer.spec
-    if not encoder_layout(fmt).cls_token:
-        raise MaeframeError(f"init.format: k-NN reads the encoder's cls-token layout; {recipe.init.format} weights "
-                            f"have no cls token (finetune and linprobe recipes use them)")
-    holder = Classifier(spec, recipe.model, num_classes=1, pool="cls")  # cls keeps the encoder's final norm
+    layout = encoder_layout(fmt, recipe.init)
+    if not layout.cls_token and recipe.knn.pool == "cls":
+        raise MaeframeError(f"knn.pool: cls, but the {recipe.init.format} weights have no cls token; use pool: avg")
+    # the holder's pool is unused (`knn_features` pools the latent); the encoder keeps its final norm
+    holder = Classifier(spec, recipe.model, num_classes=1, pool="cls" if layout.cls_token else "avg", layout=layout)
     holder.reset_parameters(head_std=0.01)
+    if not layout.cls_token:  # pool avg replaced the final norm by fc_norm; k-NN reads the normalised latent
+        holder.encoder.norm = LayerNorm(recipe.model.embed_dim)
     if fmt is not None:
         weights = pretrained_encoder_state(fmt, recipe.init, spec, recipe.model, recipe.tokenizer.options)
         load_encoder(holder, weights, recipe.init.checkpoint)

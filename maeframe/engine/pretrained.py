@@ -20,7 +20,7 @@ from ..plugins import make_plugin_manager
 from ..recipe import parse_recipe
 from ..recipe_file import apply_override
 from ..registry import Registry
-from ..weights import WeightFormat
+from ..weights import EncoderLayout, WeightFormat
 from .checkpoint import FORMAT, checkpoint_entry
 
 AUTO = "auto"
@@ -34,6 +34,7 @@ class Weights:
     format: str                 # the registered weight format's name, e.g. "maeframe", "official_mae"
     reader: WeightFormat
     tree: dict[str, Any]        # the recipe (plain values) the format reports for these weights
+    layout: EncoderLayout       # how the model runs these weights (`WeightFormat.layout_for`)
 
     @property
     def task(self) -> str:
@@ -71,7 +72,11 @@ def open_weights(path: str | Path, format: str = AUTO) -> Weights:
     except (InteropError, ValueError) as err:
         message = str(err) if str(path) in str(err) else f"{path}: {err}"
         raise MaeframeError(f"{message} (read as weight format {name!r}; choose another with --format)") from None
-    return Weights(path, name, reader, copy.deepcopy(tree))
+    try:
+        layout = reader.layout_for(path)
+    except (InteropError, ValueError) as err:
+        raise MaeframeError(str(err) if str(path) in str(err) else f"{path}: {err}") from None
+    return Weights(path, name, reader, copy.deepcopy(tree), layout)
 
 
 def prepare_tree(weights: Weights, tree: dict[str, Any], overrides: list[str] = ()) -> Prepared:
@@ -81,7 +86,7 @@ def prepare_tree(weights: Weights, tree: dict[str, Any], overrides: list[str] = 
         apply_override(tree, assignment)
     source = f"{weights.path} (its recipe)"
     try:
-        prepared = prepare(parse_recipe(tree, source), layout=weights.reader.layout)
+        prepared = prepare(parse_recipe(tree, source), layout=weights.layout)
     except RecipeError as err:
         raise RecipeError(err.problems, source) from None
     prepared.source = source
@@ -93,7 +98,7 @@ def load_autoencoder(weights: Weights, prepared: Prepared) -> MaskedAutoencoder:
     weights (`WeightFormat.read_autoencoder`), in eval mode.
     Weights that do not fit (names or shapes) are an error naming the file and the first differences."""
     recipe, components = prepared.recipe, prepared.components
-    model = MaskedAutoencoder(components.tokenizer.spec, components.target.out_dim, recipe.model, weights.reader.layout)
+    model = MaskedAutoencoder(components.tokenizer.spec, components.target.out_dim, recipe.model, weights.layout)
     try:
         state = weights.reader.read_autoencoder(weights.path, components.tokenizer.spec, recipe.model,
                                                 recipe.tokenizer.options)

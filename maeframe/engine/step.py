@@ -27,7 +27,7 @@ from ..errors import MaeframeError
 from ..masker import Mask
 from ..target import TargetOut
 from ..tokenizer import Tokens
-from ..model import MaskedAutoencoder
+from ..model import MaskedAutoencoder, recipe_layout
 from ..model.drop_path import set_drop_rows
 from .data import DROP_PATH_STREAM, stream_seed
 from .checkpoint import load_dcp_into
@@ -179,7 +179,8 @@ class MAEStep(OptimizerStep):
     def __init__(self, prepared: Prepared, runtime: Runtime, world: World, lr: float, steps_per_epoch: int):
         recipe = prepared.recipe
         self.components = prepared.components
-        model = MaskedAutoencoder(self.components.tokenizer.spec, self.components.target.out_dim, recipe.model)
+        model = MaskedAutoencoder(self.components.tokenizer.spec, self.components.target.out_dim, recipe.model,
+                                  recipe_layout(recipe.model))
         super().__init__(model, prepared, runtime, world, lr, steps_per_epoch,
                          lambda module: build_optimizer(module, recipe.optim, lr, runtime.device))
         for component in self.components.all():

@@ -26,9 +26,15 @@ def pretrained_encoder_state(fmt: WeightFormat, init: InitConfig, spec: TokenSpe
     return {k: v for k, v in weights.items() if k.startswith("encoder.")}
 
 
-def encoder_layout(fmt: WeightFormat | None) -> EncoderLayout:
-    """The layout the encoder needs for the weights of `fmt` (maeframe's for `init.format: none`)."""
-    return fmt.layout if fmt is not None else EncoderLayout()
+def encoder_layout(fmt: WeightFormat | None, init: InitConfig) -> EncoderLayout:
+    """The layout the encoder needs for the weights `init.checkpoint` of `fmt` (`WeightFormat.layout_for`;
+    maeframe's for `init.format: none`)."""
+    if fmt is None:
+        return EncoderLayout()
+    try:
+        return fmt.layout_for(Path(init.checkpoint))
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"init.checkpoint: {err}") from None
 
 
 def load_encoder(module: torch.nn.Module, weights: dict[str, Tensor], source: str) -> list[str]:

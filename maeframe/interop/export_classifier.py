@@ -44,7 +44,7 @@ def load_classifier(checkpoint: str | Path, ema: bool = False) -> tuple[Tokenize
     tokenizer, head = prepared.components.tokenizer, recipe.head
     classes = state["classes"]
     model = Classifier(tokenizer.spec, recipe.model, len(classes), head.pool, bn_head=task == "linprobe",
-                       features=head.features, layout=encoder_layout(prepared.components.weight_format))
+                       features=head.features, layout=encoder_layout(prepared.components.weight_format, recipe.init))
     weights = state["ema"] if ema else state["model"]
     if weights is None:
         raise InteropError(f"{checkpoint}: the run kept no EMA weights")

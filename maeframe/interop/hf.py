@@ -69,6 +69,12 @@ def reference_block_name(rest: str) -> str | None:
     return _rename(rest, BLOCK, forward=False)
 
 
+def hf_block_name(rest: str) -> str | None:
+    """The transformers 4.x layer name of a reference name inside a block (`norm1.weight` ->
+    `layernorm_before.weight`), for the one-to-one renamed tensors; None for qkv and unknown names."""
+    return _rename(rest, BLOCK, forward=True)
+
+
 def official_to_hf(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     """Reference MAE layout -> transformers 4.x names; `prefix` is P ("vit." for ViTMAE, "" for ViTModel).
     Each qkv [3D, D] (and bias [3D]) is split into query, key and value."""

@@ -3,8 +3,9 @@
 A pretraining checkpoint becomes `ViTMAEForPreTraining` (encoder and decoder: the same latent, predictions
 and loss for the same noise); with `encoder_only`, any checkpoint's encoder becomes `ViTModel`. Only what
 transformers computes exactly is written; everything else is refused with the reason:
-* a token grid that is not 2-D (transformers' ViT classes embed 2-D patches; its VideoMAE has no cls token
-  and a 1-D sinusoid position table, while maeframe's encoder has a cls token and per-axis sin-cos);
+* a checkpoint that is not a 2-D grid with cls token and per-axis sin-cos positions goes to the weight
+  formats' `to_transformers` (e.g. `hf_videomae`: video trained in VideoMAE's layout, `model.cls_token:
+  false`, `model.positions: flat`, becomes VideoMAEForPreTraining / VideoMAEModel); refused if none takes it;
 * for the decoder: non-square grids or patches (ViTMAE's loss patchifies square images only), a target whose
   values are not the input patches (`Target.patch_values`), norm_pix with an eps other than ViTMAE's 1e-6,
   or local decoder attention.
@@ -23,6 +24,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from ..engine.checkpoint import load_checkpoint
+from ..weights import EncoderLayout
 from .hf import official_to_hf, vit_config, vitmae_config
 from .official_mae import InteropError, maeframe_to_official
 
@@ -85,14 +87,13 @@ def export_hf(checkpoint_path: str | Path, output_dir: str | Path, encoder_only:
         detail = str(err) if str(source) in str(err) else f"{source}: {err}"
         raise InteropError(f"{detail}; `--format hf` exports maeframe checkpoints (runs/NAME/last.pt)") from None
     recipe = RECIPE_ADAPTER.validate_python(state["recipe"])
-    components = prepare(recipe).components
+    prepared = prepare(recipe)
+    components = prepared.components
     spec = components.tokenizer.spec
-    if len(spec.grid) != 2:
-        raise InteropError(
-            f"{source}: the token grid {spec.grid} is not 2-D. transformers has no class that computes this "
-            f"encoder: its ViT/ViTMAE embed 2-D patches, and VideoMAE has no cls token and adds a 1-D sinusoid "
-            f"table over the token index, while maeframe's encoder has a cls token and per-axis sin-cos positions")
     model = state["model"]
+    layout = _trained_layout(prepared, source)
+    if len(spec.grid) != 2 or layout != EncoderLayout():
+        return _export_by_format(prepared, model, layout, source, output, encoder_only)
     if not any(k.startswith("encoder.") for k in model) or "encoder.cls_token" not in model:
         raise InteropError(f"{source}: holds no maeframe encoder with a cls token (a k-NN or pixel-feature run?)")
     problem = None
@@ -118,6 +119,37 @@ def export_hf(checkpoint_path: str | Path, output_dir: str | Path, encoder_only:
     tensors = official_to_hf(maeframe_to_official(weights, spec), "" if encoder_only else "vit.")
     _write_directory(output, config, tensors, source)
     return HFExport(output, config["architectures"][0])
+
+
+def _trained_layout(prepared, source: Path) -> EncoderLayout:
+    """The layout the checkpoint trained in (a downstream run's: that of the weights it started from)."""
+    entry = prepared.registry.get("weight_format", "maeframe")
+    try:
+        return entry.cls(entry.cls.Options()).layout_for(source)
+    except FileNotFoundError as err:
+        raise InteropError(str(err)) from None
+
+
+def _export_by_format(prepared, model: dict, layout: EncoderLayout, source: Path, output: Path,
+                      encoder_only: bool) -> HFExport:
+    """A checkpoint that is not a 2-D ViT with cls token and per-axis sin-cos: written by the weight format
+    whose `to_transformers` takes it (e.g. `hf_videomae` for video in VideoMAE's layout), else refused."""
+    for name, entry in prepared.registry.entries["weight_format"].items():
+        try:
+            written = entry.cls(entry.cls.Options()).to_transformers(model, prepared, layout, encoder_only)
+        except InteropError as err:
+            raise InteropError(f"{source}: {err}") from None
+        if written is not None:
+            config, tensors = written
+            _write_directory(output, config, tensors, source)
+            return HFExport(output, config["architectures"][0])
+    grid = prepared.components.tokenizer.spec.grid
+    raise InteropError(f"{source}: no transformers class computes this encoder (token grid {grid}, "
+                       f"{'a' if layout.cls_token else 'no'} cls token, "
+                       f"{'per-axis sin-cos' if layout.positions is None else 'its own'} positions): ViT/ViTMAE "
+                       f"need a 2-D grid with cls token and per-axis sin-cos (model.cls_token: true, "
+                       f"model.positions: axes), and no installed weight format writes this kind "
+                       f"(`maeframe plugins --kind weight_format`)")
 
 
 def model_config(recipe, spec, components, weights, encoder_only: bool) -> dict:

@@ -8,7 +8,17 @@ from ..masker import Mask
 from ..recipe import ModelConfig
 from ..tokenizer import TokenSpec
 from ..weights import EncoderLayout
+from .pos_embed import flat_sincos_pos_embed
 from .vit import Decoder, Encoder
+
+
+def recipe_layout(model: ModelConfig | dict) -> EncoderLayout:
+    """The layout a pretraining recipe's `model` (a ModelConfig, or the plain tree a checkpoint recorded, whose
+    absent fields take their defaults) asks for: its cls_token, and positions "flat" as the sinusoid table over
+    the flattened token order."""
+    config = model if isinstance(model, ModelConfig) else ModelConfig.model_validate(model)
+    return EncoderLayout(cls_token=config.cls_token,
+                         positions=flat_sincos_pos_embed if config.positions == "flat" else None)
 
 
 class MaskedAutoencoder(nn.Module):
@@ -25,7 +35,7 @@ class MaskedAutoencoder(nn.Module):
                                config.decoder_depth, config.decoder_num_heads, config.mlp_ratio,
                                config.decoder_window if config.decoder_attention == "local" else None,
                                config.decoder_window_shift, config.activation_checkpointing, layout,
-                               config.decoder_window_block)
+                               config.decoder_window_block, config.decoder_embed_bias)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

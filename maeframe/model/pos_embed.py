@@ -1,4 +1,5 @@
-"""Fixed sin-cos position embeddings for a token grid of any rank (2D images, 3D video)."""
+"""Fixed sin-cos position embeddings: per axis of a token grid of any rank (`sincos_pos_embed`), or one
+table over the flattened token order (`flat_sincos_pos_embed`)."""
 from __future__ import annotations
 
 import torch
@@ -24,3 +25,14 @@ def sincos_pos_embed(grid: tuple[int, ...], dim: int) -> Tensor:
     coords = torch.meshgrid(*[torch.arange(n) for n in grid], indexing="ij")
     parts = [sincos_1d(coords[axis].reshape(-1), dim // rank) for axis in reversed(range(rank))]
     return torch.cat(parts, dim=1).float()
+
+
+def flat_sincos_pos_embed(num_tokens: int, dim: int) -> Tensor:
+    """One sinusoid table over the flattened (row-major) token order: [num_tokens, dim] float32, token n and
+    channel j get n / 10000^(2·(j // 2) / dim) through sin on even channels and cos on odd ones (the table of
+    "Attention is all you need", interleaved; VideoMAE's fixed positions)."""
+    exponent = 2 * (torch.arange(dim, dtype=torch.float64) // 2) / dim
+    angles = torch.arange(num_tokens, dtype=torch.float64)[:, None] / 10000.0 ** exponent[None, :]
+    table = torch.empty_like(angles)
+    table[:, 0::2], table[:, 1::2] = angles[:, 0::2].sin(), angles[:, 1::2].cos()
+    return table.float()

@@ -103,17 +103,18 @@ class Decoder(nn.Module):
     def __init__(self, grid: tuple[int, ...], encoder_dim: int, out_dim: int, embed_dim: int, depth: int,
                  num_heads: int, mlp_ratio: float = 4.0, window: tuple[int, int] | None = None,
                  window_shift: tuple[int, int] | None = None, recompute: bool = False,
-                 layout: EncoderLayout = EncoderLayout(), window_block: str = "vit"):
+                 layout: EncoderLayout = EncoderLayout(), window_block: str = "vit", embed_bias: bool = True):
         """window: None = global attention; (wt, wf) = local shifted-window attention on a 2-D grid.
         window_block: the local blocks' kind ("vit" or "swin_v2", see `make_windowed_blocks`).
         recompute: activation checkpointing of the blocks. layout: the encoder's; without a cls token the
         latent holds visible tokens only and the blocks see the N grid tokens alone (VideoMAE's decoder),
-        with the layout's position table at the decoder's width."""
+        with the layout's position table at the decoder's width. embed_bias: whether the projection of the
+        latent to the decoder's width has a bias."""
         super().__init__()
         if window is not None and not layout.cls_token:
             raise ValueError("local decoder attention needs the cls-token layout (its blocks expect 1 + N tokens)")
         self.recompute, self.has_cls = recompute, layout.cls_token
-        self.embed = nn.Linear(encoder_dim, embed_dim)
+        self.embed = nn.Linear(encoder_dim, embed_dim, bias=embed_bias)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.register_buffer("pos_embed", position_table(tuple(grid), embed_dim, layout), persistent=False)
         if window is None:
