@@ -139,7 +139,7 @@ def test_export_refuses_what_transformers_cannot_compute(tmp_path, capsys):
     write_checkpoint(tmp_path / "video.pt", video_model, tokenizer_ref=video)
     assert main(["export", "--format", "hf", str(tmp_path / "video.pt"), str(tmp_path / "z")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "is not 2-D" in err and "VideoMAE has no cls token" in err
+    assert err.startswith("error: ") and "VideoMAEForPreTraining" in err and "model.cls_token: false" in err
     assert not (tmp_path / "z").exists() and not list(tmp_path.glob(".z*"))
 
 
