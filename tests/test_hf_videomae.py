@@ -123,6 +123,9 @@ def test_export_refusals_name_the_recipe_fields(tmp_path, capsys):
     with pytest.raises(InteropError, match="raw pixels never match.*--encoder-only"):
         export_hf(tmp_path / "raw.pt", tmp_path / "y")
     assert export_hf(tmp_path / "raw.pt", tmp_path / "y", encoder_only=True).architecture == "VideoMAEModel"
+    checkpoint(tmp_path / "videomae.pt", video_recipe())
+    assert main(["export", str(tmp_path / "videomae.pt"), str(tmp_path / "timm.safetensors")]) == 2
+    assert "timm's ViT has a cls token" in capsys.readouterr().err
     checkpoint(tmp_path / "mae_eps.pt", video_recipe(target={"norm_pix": True, "eps_after_sqrt": True}))
     with pytest.raises(InteropError, match=r"norm_over patch, eps_after_sqrt True, eps \[1e-06"):
         export_hf(tmp_path / "mae_eps.pt", tmp_path / "x")

@@ -28,15 +28,22 @@ SIZES = {192: ("tiny", 12, 3), 384: ("small", 12, 6), 768: ("base", 12, 12), 102
 ENCODER_KEYS = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
 
 
-def _maeframe_source(state: dict[str, Any]) -> tuple[dict[str, Tensor], TokenSpec, int]:
-    """A maeframe checkpoint -> (model state dict, the recipe tokenizer's spec, encoder heads)."""
+def _maeframe_source(state: dict[str, Any], source: Path) -> tuple[dict[str, Tensor], TokenSpec, int]:
+    """A maeframe checkpoint -> (model state dict, the recipe tokenizer's spec, encoder heads); refused when it
+    was not trained in timm's layout (cls token, per-axis sin-cos positions)."""
     from ..plugins import make_plugin_manager
     from ..registry import Registry
+    from ..weights import EncoderLayout
 
     recipe = state["recipe"]
     ref = recipe["tokenizer"]
-    entry = Registry(make_plugin_manager(recipe.get("plugins", []))).get("tokenizer", ref["name"])
+    registry = Registry(make_plugin_manager(recipe.get("plugins", [])))
+    entry = registry.get("tokenizer", ref["name"])
     tokenizer = entry.cls(entry.cls.Options.model_validate(ref.get("options", {})))
+    fmt = registry.get("weight_format", "maeframe").cls
+    if fmt(fmt.Options()).layout_for(source) != EncoderLayout():
+        raise InteropError(f"{source}: trained without cls token or with flat positions (model.cls_token / "
+                           f"model.positions); timm's ViT has a cls token and per-axis sin-cos positions")
     return state["model"], tokenizer.spec, recipe["model"]["num_heads"]
 
 
@@ -143,7 +150,7 @@ def export_encoder(checkpoint_path: str | Path, output_path: str | Path,
     except Exception:  # not a maeframe checkpoint: read it as reference weights (clear error if neither)
         state = None
     if state is not None:
-        model_state, spec, heads = _maeframe_source(state)
+        model_state, spec, heads = _maeframe_source(state, source)
     else:
         try:
             model_state, spec, heads = _official_source(read_official(source))

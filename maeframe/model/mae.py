@@ -22,9 +22,10 @@ def recipe_layout(model: ModelConfig | dict) -> EncoderLayout:
 
 
 class MaskedAutoencoder(nn.Module):
-    """Built from the tokenizer's `TokenSpec` and the target's output size. `layout`: how another project's
-    weights run (a `WeightFormat.layout`, e.g. VideoMAE's: no cls token, its own position table in the
-    encoder and the decoder); maeframe's own models use the default."""
+    """Built from the tokenizer's `TokenSpec` and the target's output size. `layout`: the recipe's own
+    (`recipe_layout`: `model.cls_token`, `model.positions`), or how another project's weights run (a
+    `WeightFormat.layout`, e.g. VideoMAE's: no cls token, its own position table in the encoder and the
+    decoder); the default is maeframe's (cls token, per-axis sin-cos)."""
 
     def __init__(self, spec: TokenSpec, out_dim: int, config: ModelConfig, layout: EncoderLayout = EncoderLayout()):
         super().__init__()
