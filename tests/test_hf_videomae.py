@@ -147,9 +147,10 @@ def test_pretrain_in_videomae_layout_then_downstream_and_export(tmp_path):
         f"runtime.output_dir={tmp_path}"])).train()
     last = tmp_path / "video_moving_fmnist" / "last.pt"
     assert "encoder.cls_token" not in load_checkpoint(last)["model"]
+    assert list((tmp_path / "video_moving_fmnist" / "reconstructions").glob("*.png"))  # the run's pictures
     data = ["data.train.options.limit=16", "data.eval.options.limit=4", "data.batch_size=8", "data.num_workers=0"]
     finetune = run_task(prepare(RECIPES / "finetune_video_moving_fmnist.yaml", [
-        *SMALL, *data, "optim.epochs=1", "optim.warmup_epochs=0", "data.train.options.limit=16", *RUNTIME,
+        *SMALL, *data, "optim.epochs=1", "optim.warmup_epochs=0", *RUNTIME,
         f"runtime.output_dir={tmp_path}", f"init.checkpoint={last}"]))
     assert finetune is not None
     tuned = tmp_path / "finetune_video_moving_fmnist" / "last.pt"

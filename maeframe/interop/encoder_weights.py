@@ -18,12 +18,17 @@ from .official_mae import InteropError
 def pretrained_encoder_state(fmt: WeightFormat, init: InitConfig, spec: TokenSpec, model: EncoderConfig | None = None,
                              tokenizer_options: dict | None = None) -> dict[str, Tensor]:
     """The `encoder.*` tensors of `init.checkpoint`, read by the recipe's weight format `fmt`."""
+    path = _existing_checkpoint(fmt, init)
+    weights = fmt.read(path, spec, model, tokenizer_options or {})
+    return {k: v for k, v in weights.items() if k.startswith("encoder.")}
+
+
+def _existing_checkpoint(fmt: WeightFormat, init: InitConfig) -> Path:
     path = Path(init.checkpoint)
     if not (path.is_file() or (fmt.reads_directories and path.is_dir())):  # a dir: fsdp's sharded last.dcp
         hint = " (pretrain first, e.g. `maeframe run recipes/quickstart.yaml`)" if init.format == "maeframe" else ""
         raise FileNotFoundError(f"init.checkpoint {str(path)!r} does not exist{hint}")
-    weights = fmt.read(path, spec, model, tokenizer_options or {})
-    return {k: v for k, v in weights.items() if k.startswith("encoder.")}
+    return path
 
 
 def encoder_layout(fmt: WeightFormat | None, init: InitConfig) -> EncoderLayout:
@@ -31,10 +36,7 @@ def encoder_layout(fmt: WeightFormat | None, init: InitConfig) -> EncoderLayout:
     maeframe's for `init.format: none`)."""
     if fmt is None:
         return EncoderLayout()
-    try:
-        return fmt.layout_for(Path(init.checkpoint))
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"init.checkpoint: {err}") from None
+    return fmt.layout_for(_existing_checkpoint(fmt, init))
 
 
 def load_encoder(module: torch.nn.Module, weights: dict[str, Tensor], source: str) -> list[str]:
