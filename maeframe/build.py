@@ -134,6 +134,9 @@ def _prepare(recipe: AnyRecipe, pm: pluggy.PluginManager, registry: Registry, la
             fmt = entry.cls(entry.cls.Options())
         return Prepared(recipe, pm, registry, Components(tokenizer, None, None, [], fmt, loggers))
     model = recipe.model
+    if not model.cls_token and model.decoder_attention == "local":
+        raise RecipeError([("model.cls_token", "false needs decoder_attention: global (local decoder blocks expect "
+                                               "the cls token)")])
     if model.decoder_attention == "local":
         shift = model.decoder_window_shift or tuple(w // 2 for w in model.decoder_window)
         _construct("model.decoder_window", resolve_window, tokenizer.spec.grid, model.decoder_window, shift)

@@ -17,6 +17,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdap
 
 from .errors import PluginError, RecipeError
 from .recipe_file import read_recipe_tree
+from .layout_fields import LayoutFields
 from .run_logger import spell_out_loggers
 
 
@@ -38,7 +39,7 @@ class LossRef(ComponentRef):
     weight: float = Field(1.0, ge=0, description="multiplier of this term in the total loss")
 
 
-class ModelConfig(Strict):
+class ModelConfig(LayoutFields, Strict):
     embed_dim: int = Field(768, gt=0, description="encoder width")
     depth: int = Field(12, gt=0, description="encoder blocks")
     num_heads: int = Field(12, gt=0, description="encoder attention heads")
@@ -59,20 +60,9 @@ class ModelConfig(Strict):
     activation_checkpointing: bool = Field(
         False, description="recompute each encoder/decoder block's activations in the backward pass: far less "
                            "activation memory (large models, big batches) for about one more forward of compute")
-    cls_token: bool = Field(True, description="a learned cls token before the patch tokens (false: the encoder "
-                                              "sees the patch tokens only, downstream features are their mean; "
-                                              "VideoMAE's layout)")
-    decoder_embed_bias: bool = Field(True, description="a bias in the encoder-to-decoder projection (false: "
-                                                       "VideoMAE's encoder_to_decoder, which has none)")
-    positions: Literal["axes", "flat"] = Field(
-        "axes", description="fixed positions of encoder and decoder: axes (sin-cos per token grid axis, MAE) or "
-                            "flat (one sinusoid table over the flattened token order, VideoMAE)")
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelConfig:
-        if not self.cls_token and self.decoder_attention == "local":
-            raise ValueError("cls_token: false needs decoder_attention: global (the local decoder blocks expect "
-                             "the cls token)")
         for dim, heads, prefix in ((self.embed_dim, self.num_heads, ""), (self.decoder_embed_dim, self.decoder_num_heads, "decoder_")):
             if dim % heads:
                 raise ValueError(f"{prefix}embed_dim {dim} is not divisible by {prefix}num_heads {heads}")
