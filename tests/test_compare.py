@@ -64,7 +64,8 @@ def test_tiny_compare_writes_report_json_and_pictures(tmp_path, capsys):
         assert 0 < row["eval.masked_psnr"] < PSNR_CAP_DB and row["eval.hf_error"] > 0
         assert 0 <= row["eval.knn_top1"] <= 1 and row["final_train_loss"] > 0
         assert set(row["final_train_terms"]) == {"mse"}
-        assert row["target"] == {"name": "pixel", "options": {"norm_pix": True, "eps": 1e-6}}
+        assert row["target"] == {"name": "pixel", "options": {"norm_pix": True, "eps": 1e-6, "norm_over": "patch",
+                                                                   "eps_after_sqrt": False}}
     assert report["differences"] == {"masker.options.ratio": [0.75, 0.5]}
     # same eval mask and data for both: only the trained weights differ, so the numbers differ
     assert rows["a"]["eval.masked_psnr"] != rows["b"]["eval.masked_psnr"]
@@ -73,7 +74,7 @@ def test_tiny_compare_writes_report_json_and_pictures(tmp_path, capsys):
         assert f"last training picture ({v}/reconstructions/epoch0002.png)" in text
         assert (root / f"recon-{v}.png").is_file() or f"identical to eval-recon-{v}.png" in text
     assert "| `a` |" in text and "| `b` |" in text and "masked PSNR" in text
-    assert 'target `pixel` {"norm_pix": true, "eps": 1e-06}' in text
+    assert 'target `pixel` {"norm_pix": true, "eps": 1e-06, "norm_over": "patch", "eps_after_sqrt": false}' in text
     assert "seed: 0" in text and "maeframe compare" in text and "maeframe run" in text and "(loss_curves.png)" in text
 
 
