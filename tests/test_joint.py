@@ -60,6 +60,8 @@ def test_omnimae_trains_both_modalities_and_draws_both(joint_run):
 
 def test_resume_continues_the_modality_draws_exactly(joint_run, tmp_path):
     run_task(prepare(OMNI, tiny(tmp_path, "runtime.max_steps=5")))  # stops inside the first epoch
+    with pytest.raises(MaeframeError, match=r"modalities\.video\.weight: 1\.0 → 3\.0"):  # a modality change
+        run_task(prepare(OMNI, tiny(tmp_path, "modalities.video.weight=3")), resume=True)
     run_task(prepare(OMNI, tiny(tmp_path)), resume=True)
     resumed, straight = metrics(tmp_path / "omni_mae_fmnist"), metrics(joint_run)
     assert [m["step"] for m in resumed] == list(range(1, 13))
@@ -69,9 +71,11 @@ def test_resume_continues_the_modality_draws_exactly(joint_run, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_two_processes_follow_the_single_process_trajectory(joint_run, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_follow_the_single_process_trajectory(joint_run, tmp_path, strategy):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    result = subprocess.run([*launcher, "-m", "maeframe", "run", str(OMNI), *tiny(tmp_path, "data.batch_size=4")],
+    overrides = tiny(tmp_path, "data.batch_size=4", f"runtime.strategy={strategy}")
+    result = subprocess.run([*launcher, "-m", "maeframe", "run", str(OMNI), *overrides],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     single, double = metrics(joint_run), metrics(tmp_path / "omni_mae_fmnist")
