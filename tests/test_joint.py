@@ -139,8 +139,12 @@ def toy(tmp_path, monkeypatch):
 
 
 def test_a_third_modality_from_a_test_plugin_mixes_with_images(toy, tmp_path):
-    run_task(prepare(toy, [f"runtime.output_dir={tmp_path}"]))
+    monitor = "monitor={bank: 16, queries: 8, k: 5}"  # a k-NN monitor per modality, on its own data
+    run_task(prepare(toy, [f"runtime.output_dir={tmp_path}", monitor]))
     lines = metrics(tmp_path / "toy")
+    knn = lines.pop()  # the monitor's line at the end of the epoch
+    assert knn["step"] == 8 and {"monitor/image/knn_top1", "monitor/signal/knn_top1"} <= set(knn)
+    assert knn["monitor/signal/queries"] == 8 and knn["monitor/image/queries"] == 2  # image: its data.eval
     assert len(lines) == 8  # (16 images + 48 signals) / 8 per step
     signal = [m for m in lines if "loss/signal/mse" in m]
     assert signal and all(m["loss"] == pytest.approx(m["loss/signal/mse"] + 0.5 * m["loss/signal/l1"])
@@ -154,6 +158,8 @@ def test_paired_modalities_meet_in_the_joint_blocks_with_a_cross_modal_loss(toy,
               "modalities.signal.weight=1", "data.train={name: toy_stripes_and_waves, options: {count: 16}}",
               "joint_losses=[{name: toy_pooled_agreement, weight: 0.1}]", "model.modality_blocks=1",
               "model.pooled_latent=separate", f"runtime.output_dir={tmp_path}"]
+    with pytest.raises(MaeframeError, match="monitor: the online k-NN monitor follows each modality's own data"):
+        prepare(toy, [*paired, "monitor={}"])
     run_task(prepare(toy, paired))
     lines = metrics(tmp_path / "toy")
     assert len(lines) == 2
@@ -172,7 +178,6 @@ def test_paired_modalities_meet_in_the_joint_blocks_with_a_cross_modal_loss(toy,
     ("modalities.signal.data.train.name=toy_stripes_and_waves", "modalities.signal.data.train.name",
      "several modalities per sample"),
     ("modalities.signal.losses.0.name=toy_pooled_agreement", "modalities.signal.losses.0.name", "cross-modal loss"),
-    ("monitor={}", "monitor", "not available in joint recipes"),
 ])
 def test_recipe_errors_name_the_field(toy, capsys, override, field, words):
     assert main(["validate", str(toy), "--set", override]) == 2

@@ -85,6 +85,21 @@ class JointEncoder(nn.Module):
         return latent, pooled
 
 
+class ModalityEncoder(nn.Module):
+    """One modality's view of a `JointEncoder` as a single-modality encoder: (patches [B, N, patch_dim], ids_keep
+    [B, V] or None = all tokens) -> latent [B, 1 + V, D] (the online k-NN monitor encodes with it)."""
+
+    def __init__(self, joint: JointEncoder, modality: str):
+        super().__init__()
+        self.joint, self.modality = joint, modality
+
+    def forward(self, patches: Tensor, ids_keep: Tensor | None = None) -> Tensor:
+        if ids_keep is None:
+            ids_keep = torch.arange(patches.shape[1], device=patches.device).expand(patches.shape[0], -1)
+        mask = Mask(ids_keep, ids_keep, torch.zeros(patches.shape[:2], device=patches.device))  # all visible
+        return self.joint({self.modality: patches}, {self.modality: mask})[0]
+
+
 class JointDecoder(nn.Module):
     def __init__(self, specs: dict[str, TokenSpec], out_dims: dict[str, int], config: ModelConfig, typed: bool):
         super().__init__()
