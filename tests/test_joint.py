@@ -2,6 +2,7 @@
 resume and 2 processes, a joint checkpoint serving k-NN on both modalities, a third modality added by a test
 plugin (alternate and paired, with a cross-modal loss), and the recipe errors."""
 import json
+import os
 import subprocess
 import sys
 
@@ -153,11 +154,14 @@ def test_a_third_modality_from_a_test_plugin_mixes_with_images(toy, tmp_path):
     assert (tmp_path / "toy" / "reconstructions" / "image" / "epoch0001.png").is_file()
 
 
+PAIRED = ["mixing=paired", "modalities.image.data=null", "modalities.signal.data=null", "modalities.signal.weight=1",
+          "data.train={name: toy_stripes_and_waves, options: {count: 16}}",
+          "joint_losses=[{name: toy_pooled_agreement, weight: 0.1}]", "model.modality_blocks=1",
+          "model.pooled_latent=separate"]
+
+
 def test_paired_modalities_meet_in_the_joint_blocks_with_a_cross_modal_loss(toy, tmp_path):
-    paired = ["mixing=paired", "modalities.image.data=null", "modalities.signal.data=null",
-              "modalities.signal.weight=1", "data.train={name: toy_stripes_and_waves, options: {count: 16}}",
-              "joint_losses=[{name: toy_pooled_agreement, weight: 0.1}]", "model.modality_blocks=1",
-              "model.pooled_latent=separate", f"runtime.output_dir={tmp_path}"]
+    paired = [*PAIRED, f"runtime.output_dir={tmp_path}"]
     with pytest.raises(MaeframeError, match="monitor: the online k-NN monitor follows each modality's own data"):
         prepare(toy, [*paired, "monitor={}"])
     run_task(prepare(toy, paired))
@@ -190,3 +194,18 @@ def test_single_modality_recipes_refuse_joint_fields():
         prepare(RECIPES / "quickstart.yaml", ["joint_losses=[{name: mse}]"])
     with pytest.raises(MaeframeError, match="model.modality_blocks: only a joint recipe"):
         prepare(RECIPES / "quickstart.yaml", ["model.modality_blocks=1"])
+
+
+def test_paired_two_processes_follow_one(toy, tmp_path):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = {**os.environ, "PYTHONPATH": str(RECIPES.parent / "tests")}
+    result = subprocess.run([*launcher, "-m", "maeframe", "run", str(toy), *PAIRED, "data.batch_size=4",
+                             f"runtime.output_dir={tmp_path / 'two'}"], capture_output=True, text=True, timeout=300,
+                            env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_task(prepare(toy, [*PAIRED, f"runtime.output_dir={tmp_path / 'one'}"]))
+    one, two = metrics(tmp_path / "one" / "toy"), metrics(tmp_path / "two" / "toy")
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):
+        for key in ("loss", "loss/joint/toy_pooled_agreement", "loss/signal/l1"):
+            assert abs(a[key] - b[key]) < 1e-5, (key, a[key], b[key])
