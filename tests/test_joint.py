@@ -209,3 +209,24 @@ def test_paired_two_processes_follow_one(toy, tmp_path):
     for a, b in zip(one, two):
         for key in ("loss", "loss/joint/toy_pooled_agreement", "loss/signal/l1"):
             assert abs(a[key] - b[key]) < 1e-5, (key, a[key], b[key])
+
+
+def test_a_modality_view_of_the_joint_encoder_is_a_single_modality_encoder():
+    from maeframe import TokenSpec
+    from maeframe.model.joint import JointMaskedAutoencoder, ModalityEncoder
+    from maeframe.model.joint_weights import modality_encoder_state
+    from maeframe.model.vit import Encoder
+    from maeframe.recipe import ModelConfig
+
+    torch.manual_seed(0)
+    specs = {"a": TokenSpec((4, 4), (4, 4), 1), "b": TokenSpec((2, 4, 4), (2, 4, 4), 1)}
+    config = ModelConfig(embed_dim=24, depth=2, num_heads=2, decoder_embed_dim=12, decoder_depth=1, decoder_num_heads=2)
+    joint = JointMaskedAutoencoder(specs, {"a": 16, "b": 32}, config, typed=True).eval()
+    single = Encoder(specs["b"].grid, 32, 24, 2, 2).eval()
+    state = modality_encoder_state(joint.state_dict(), "b", modality_blocks=0)
+    single.load_state_dict({k[len("encoder."):]: v for k, v in state.items()})  # strict: every name, no extra
+    patches = torch.randn(3, 32, 32)
+    keep = torch.rand(3, 32).argsort(1)[:, :5]
+    view = ModalityEncoder(joint.encoder, "b")
+    assert torch.allclose(single(patches, keep), view(patches, keep), atol=1e-5)  # type embedding folded in the bias
+    assert torch.allclose(single(patches), view(patches), atol=1e-5)

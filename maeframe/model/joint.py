@@ -29,8 +29,7 @@ class ModalityStem(nn.Module):
 
     def __init__(self, spec: TokenSpec, dim: int, blocks: nn.Sequential, own_patch_embed: bool, typed: bool):
         super().__init__()
-        if own_patch_embed:
-            self.patch_embed = nn.Linear(spec.patch_dim, dim)
+        self.patch_embed = nn.Linear(spec.patch_dim, dim) if own_patch_embed else None  # None: the shared one
         self.register_buffer("pos_embed", sincos_pos_embed(spec.grid, dim)[None], persistent=False)
         self.type_embed = nn.Parameter(torch.zeros(1, 1, dim)) if typed else None
         self.blocks = blocks
@@ -48,8 +47,7 @@ class JointEncoder(nn.Module):
         d, k = config.embed_dim, config.modality_blocks
         self.recompute, self.pooled = config.activation_checkpointing, config.pooled_latent
         self.embed_dim = d
-        if config.shared_patch_embed:
-            self.patch_embed = nn.Linear(next(iter(specs.values())).patch_dim, d)
+        self.patch_embed = nn.Linear(next(iter(specs.values())).patch_dim, d) if config.shared_patch_embed else None
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
 
         def blocks() -> list[nn.Module]:  # stochastic depth rises over all `depth` blocks, as in one encoder
@@ -68,7 +66,7 @@ class JointEncoder(nn.Module):
         parts = []
         for name, x in patches.items():
             stem = self.modalities[name]
-            x = stem.embed(stem.patch_embed if "patch_embed" in stem._modules else self.patch_embed, x,
+            x = stem.embed(stem.patch_embed if stem.patch_embed is not None else self.patch_embed, x,
                            masks[name].ids_keep)
             parts.append(run_blocks(stem.blocks, x, self.recompute) if len(stem.blocks) else x)
         cls = self.cls_token.expand(parts[0].shape[0], -1, -1)
