@@ -43,7 +43,7 @@ def check_recorded_architecture(recipe: dict[str, Any], path: Path, model: Encod
     recorded = recipe.get("model", {})
     problems = [f"model.{key}: the checkpoint's encoder has {recorded[key]!r}, the recipe {getattr(model, key)!r}"
                 for key in ARCHITECTURE if model is not None and key in recorded and recorded[key] != getattr(model, key)]
-    theirs = recipe.get("tokenizer", {}).get("options", {})
+    theirs = (recipe.get("tokenizer") or {}).get("options", {})  # a joint recipe's tokenizers are per modality
     for key in ("patch_size", "channels"):
         if tokenizer_options and key in theirs and key in tokenizer_options and theirs[key] != tokenizer_options[key]:
             problems.append(f"tokenizer.options.{key}: the checkpoint was pretrained with {theirs[key]!r}, "

@@ -42,7 +42,8 @@ def build_encoder(prepared: Prepared, device: torch.device) -> Encoder:
     if not layout.cls_token:  # pool avg replaced the final norm by fc_norm; k-NN reads the normalised latent
         holder.encoder.norm = LayerNorm(recipe.model.embed_dim)
     if fmt is not None:
-        weights = pretrained_encoder_state(fmt, recipe.init, spec, recipe.model, recipe.tokenizer.options)
+        weights = pretrained_encoder_state(fmt, recipe.init, spec, recipe.model, recipe.tokenizer.options,
+                                           recipe.tokenizer.name)
         load_encoder(holder, weights, recipe.init.checkpoint)
     return holder.encoder.to(device).eval().requires_grad_(False)
 

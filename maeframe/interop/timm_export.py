@@ -36,6 +36,9 @@ def _maeframe_source(state: dict[str, Any], source: Path) -> tuple[dict[str, Ten
     from ..weights import EncoderLayout
 
     recipe = state["recipe"]
+    if recipe.get("modalities"):
+        raise InteropError(f"a joint checkpoint (modalities {', '.join(recipe['modalities'])}) has no single timm "
+                           f"encoder; fine-tune or probe one modality with a downstream recipe (init.modality)")
     ref = recipe["tokenizer"]
     registry = Registry(make_plugin_manager(recipe.get("plugins", [])))
     entry = registry.get("tokenizer", ref["name"])

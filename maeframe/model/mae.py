@@ -58,7 +58,7 @@ class MaskedAutoencoder(nn.Module):
         """patches [B, N, patch_dim] -> Prediction(values [B, N, out_dim], latent [B, 1 + V, D]; [B, V, D]
         without a cls token)."""
         latent = self.encoder(patches, mask.ids_keep)
-        return Prediction(self.decoder(latent, mask.ids_restore), latent, self.layout.cls_token)
+        return Prediction(self.decoder(latent, mask.ids_restore), latent, has_cls=self.layout.cls_token)
 
     def no_weight_decay(self) -> set[str]:
         return {"encoder.cls_token", "decoder.mask_token"}
