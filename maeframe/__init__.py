@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time `__getattr_
     from .registry import build_component, component_class
     from .seeding import python_numpy_seeded
     from .weights import EncoderLayout, WeightFormat
+    from .engine.distributed import all_rank_rows
     from .tokenizer import Tokenizer, Tokens, TokenSpec, as_pair
 
 __version__ = "0.1.0"
@@ -32,7 +33,7 @@ _LAZY = {  # public name -> submodule defining it (each imports torch)
     "visible_count": "masker", "Target": "target", "TargetOut": "target", "Tokenizer": "tokenizer",
     "Tokens": "tokenizer", "TokenSpec": "tokenizer", "as_pair": "tokenizer", "python_numpy_seeded": "seeding",
     "prepare": "build", "build_component": "registry", "component_class": "registry",
-    "WeightFormat": "weights", "EncoderLayout": "weights",
+    "WeightFormat": "weights", "EncoderLayout": "weights", "all_rank_rows": "engine.distributed",
 }
 __all__ = [*_LAZY, "hookimpl", "MaeframeError", "OptionError", "PluginError", "RecipeError"]
 
