@@ -25,7 +25,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 
-from maeframe import Dataset
+from maeframe import Dataset, hookimpl
 
 from .audio_data import KLETTRES_ROOT, AudioOptions, KlettresDataset, KlettresOptions, klettres_sound_names
 from .letter_glyphs import FONT_DIRS, FONT_HINT, draws, find_fonts, moving_glyph
@@ -187,5 +187,6 @@ class SpokenLettersDataset(Dataset):
         return (batch * self.std.view(shape).to(batch.device) + self.mean.view(shape).to(batch.device)).clamp(0, 1)
 
 
-def register(register_dataset) -> None:
-    register_dataset("klettres_letters", SpokenLettersDataset)
+@hookimpl
+def register_datasets(register):
+    register("klettres_letters", SpokenLettersDataset)
