@@ -76,6 +76,7 @@ class AvFramesDataset(Dataset):
     """Yields ({audio_modality: [1, T, F], visual_modality: [C, H, W]}, multi-hot labels or -1)."""
 
     Options = AvFramesOptions
+    paired = True
 
     def __init__(self, options: AvFramesOptions, input_shape: dict[str, tuple[int, ...]], train: bool):
         super().__init__(options, input_shape, train)

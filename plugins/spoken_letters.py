@@ -79,6 +79,7 @@ class SpokenLettersDataset(Dataset):
     """Yields ({audio_modality: [1, T, F], visual_modality: [C, T', H, W] or [C, H, W]}, letter index)."""
 
     Options = SpokenLettersOptions
+    paired = True
 
     def __init__(self, options: SpokenLettersOptions, input_shape: dict[str, tuple[int, ...]], train: bool):
         super().__init__(options, input_shape, train)
