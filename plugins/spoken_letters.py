@@ -83,12 +83,18 @@ class SpokenLettersDataset(Dataset):
 
     def __init__(self, options: SpokenLettersOptions, input_shape: dict[str, tuple[int, ...]], train: bool):
         super().__init__(options, input_shape, train)
+        self._build(options, dict(input_shape), train)
+
+    def _build(self, options: SpokenLettersOptions, shapes: dict[str, tuple[int, ...]], train: bool) -> None:
+        """Set up the sides named in `shapes` ({modality: input shape}); the recordings are always listed (they
+        fix the samples, split and labels) but decoded only when the audio side is asked for."""
         a, v = options.audio_modality, options.visual_modality
-        missing = [name for name in (a, v) if name not in input_shape]
-        if missing:
-            raise ValueError(f"klettres_letters yields modalities {[a, v]}; the model has {sorted(input_shape)} "
+        unknown = sorted(set(shapes) - {a, v})
+        if unknown or not shapes:
+            raise ValueError(f"klettres_letters yields modalities {[a, v]}; the model has {sorted(shapes)} "
                              f"(set audio_modality / visual_modality to the model's modality names)")
-        self.visual_shape = tuple(input_shape[v])
+        self.sides = list(shapes)
+        self.visual_shape = tuple(shapes.get(v, (1, 32, 32)))
         if len(self.visual_shape) not in (3, 4):
             raise ValueError(f"klettres_letters: the {v!r} input shape {self.visual_shape} must be (C, H, W) or "
                              f"(C, T, H, W)")
@@ -98,9 +104,9 @@ class SpokenLettersDataset(Dataset):
                 raise ValueError(f"{field} has {len(getattr(options, field))} values for {channels} channels")
         if len(self.visual_shape) == 4 and self.visual_shape[1] > options.video_frames:
             raise ValueError(f"video_frames {options.video_frames} is below the clip's {self.visual_shape[1]} frames")
-        self.audio = KlettresDataset(self._audio_options(options), tuple(input_shape[a]), train)
+        self.audio = KlettresDataset(self._audio_options(options), tuple(shapes.get(a, (1, 128, 128))), train)
         self._name_recordings(Path(options.root).expanduser())
-        self.fonts_of = self._pick_fonts()
+        self.fonts_of = self._pick_fonts() if v in shapes else {}
         self.mean = torch.tensor(options.visual_mean).view(-1, 1, 1)
         self.std = torch.tensor(options.visual_std).view(-1, 1, 1)
 
@@ -178,8 +184,12 @@ class SpokenLettersDataset(Dataset):
         return (clip - self.mean[..., None]) / self.std[..., None]
 
     def __getitem__(self, index: int) -> tuple[dict[str, Tensor], int]:
-        spectrogram, label = self.audio[index]
-        sample = {self.options.audio_modality: spectrogram, self.options.visual_modality: self.visual(index)}
+        o, label = self.options, self.audio.items[index][1]
+        sample = {}
+        if o.audio_modality in self.sides:
+            sample[o.audio_modality], label = self.audio[index]
+        if o.visual_modality in self.sides:
+            sample[o.visual_modality] = self.visual(index)
         return sample, label
 
     def denormalize_visual(self, batch: Tensor) -> Tensor:
@@ -188,6 +198,44 @@ class SpokenLettersDataset(Dataset):
         return (batch * self.std.view(shape).to(batch.device) + self.mean.view(shape).to(batch.device)).clamp(0, 1)
 
 
+class SpokenLetterSounds(SpokenLettersDataset):
+    """The audio side alone (single-modality recipes): ([1, T, F], letter index), the same samples, split and
+    labels as `klettres_letters`."""
+
+    paired = False
+
+    def __init__(self, options: SpokenLettersOptions, input_shape: tuple[int, ...], train: bool):
+        Dataset.__init__(self, options, input_shape, train)
+        self._build(options, {options.audio_modality: tuple(input_shape)}, train)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        sample, label = super().__getitem__(index)
+        return sample[self.options.audio_modality], label
+
+    def denormalize(self, batch: Tensor) -> Tensor:
+        return self.audio.denormalize(batch)
+
+
+class SpokenLetterClips(SpokenLettersDataset):
+    """The visual side alone (single-modality recipes): ([C, (T,) H, W], letter index), the same samples,
+    split and labels as `klettres_letters` (the recordings are listed, not decoded)."""
+
+    paired = False
+
+    def __init__(self, options: SpokenLettersOptions, input_shape: tuple[int, ...], train: bool):
+        Dataset.__init__(self, options, input_shape, train)
+        self._build(options, {options.visual_modality: tuple(input_shape)}, train)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        sample, label = super().__getitem__(index)
+        return sample[self.options.visual_modality], label
+
+    def denormalize(self, batch: Tensor) -> Tensor:
+        return self.denormalize_visual(batch)
+
+
 @hookimpl
 def register_datasets(register):
     register("klettres_letters", SpokenLettersDataset)
+    register("klettres_letter_sounds", SpokenLetterSounds)
+    register("klettres_letter_clips", SpokenLetterClips)

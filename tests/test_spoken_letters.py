@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from maeframe_plugins.letter_glyphs import draws, find_fonts, render_glyph
-from maeframe_plugins.spoken_letters import SpokenLettersDataset, SpokenLettersOptions
+from maeframe_plugins.spoken_letters import (SpokenLetterClips, SpokenLetterSounds, SpokenLettersDataset,
+                                             SpokenLettersOptions)
 
 SHAPES = {"audio": (1, 96, 32), "visual": (1, 32, 32)}
 
@@ -69,3 +70,12 @@ def test_errors_name_the_problem(tmp_path):
         SpokenLettersDataset(SpokenLettersOptions(split="test", languages=["ml"]), SHAPES, False)
     with pytest.raises(ValueError, match="audio_modality"):
         letters("test", shapes={"sound": (1, 96, 32), "visual": (1, 32, 32)})
+
+
+def test_single_modality_variants_give_the_same_samples(test_set):
+    options = SpokenLettersOptions(split="test", languages=["en", "fr", "hu"])
+    sounds = SpokenLetterSounds(options, (1, 96, 32), False)
+    clips = SpokenLetterClips(options, (1, 32, 32), False)
+    (audio, label), (pair, pair_label) = sounds[3], test_set[3]
+    assert label == pair_label == clips[3][1] and torch.equal(audio, pair["audio"])
+    assert torch.equal(clips[3][0], pair["visual"]) and not sounds.paired and test_set.paired
