@@ -15,7 +15,7 @@ from .hookspecs import hookimpl
 if TYPE_CHECKING:  # what type checkers and editors see; at run time `__getattr__` imports these on first use
     from .component import Component, Options
     from .dataset import Dataset
-    from .loss import Loss, Prediction, masked_mean
+    from .loss import CrossModalLoss, Loss, Prediction, masked_mean
     from .masker import Mask, Masker, visible_count
     from .target import Target, TargetOut
     from .build import prepare
@@ -29,7 +29,7 @@ __version__ = "0.1.0"
 
 _LAZY = {  # public name -> submodule defining it (each imports torch)
     "Component": "component", "Options": "component", "Dataset": "dataset", "Loss": "loss",
-    "Prediction": "loss", "masked_mean": "loss", "Mask": "masker", "Masker": "masker",
+    "Prediction": "loss", "masked_mean": "loss", "CrossModalLoss": "loss", "Mask": "masker", "Masker": "masker",
     "visible_count": "masker", "Target": "target", "TargetOut": "target", "Tokenizer": "tokenizer",
     "Tokens": "tokenizer", "TokenSpec": "tokenizer", "as_pair": "tokenizer", "python_numpy_seeded": "seeding",
     "prepare": "build", "build_component": "registry", "component_class": "registry",

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ import pluggy
 from .component import Component
 from .dataset import Dataset
 from .errors import OptionError, PluginError, RecipeError
-from .loss import Loss
+from .loss import CrossModalLoss, Loss
 from .masker import Masker
 from .model.windowed import resolve_window
 from .plugins import make_plugin_manager
@@ -49,8 +49,24 @@ class Prepared:
     recipe: AnyRecipe
     pm: pluggy.PluginManager
     registry: Registry
-    components: Components
+    components: Components | None  # None for a joint recipe: see `modalities`
     source: str = "recipe"  # the recipe file, named in errors found later (datasets, check_data)
+    # a joint recipe (`modalities`): {modality name: its Components}, in recipe order, and the cross-modal losses
+    # (label, weight, loss) of `joint_losses`; empty for single-modality recipes
+    modalities: dict[str, Components] = field(default_factory=dict)
+    joint_losses: list[tuple[str, float, CrossModalLoss]] = field(default_factory=list)
+
+    @property
+    def joint(self) -> bool:
+        return bool(self.modalities)
+
+    def all_components(self) -> list[tuple[str, Component]]:
+        """(metric prefix, component) of every per-step component: "" for a single-modality recipe,
+        "<modality>/" per modality and "joint/" for the cross-modal losses of a joint one."""
+        if not self.joint:
+            return [("", part) for part in self.components.all()]
+        parts = [(f"{name}/", part) for name, c in self.modalities.items() for part in c.all()]
+        return parts + [("joint/", loss) for _, _, loss in self.joint_losses]
 
     def provenance(self) -> dict[str, dict[str, str | None]]:
         """Plugin, distribution, version and class of every component the recipe uses, by field path
@@ -113,7 +129,13 @@ def prepare(recipe: AnyRecipe | str | Path, overrides: list[str] = ()) -> Prepar
 def _prepare(recipe: AnyRecipe, pm: pluggy.PluginManager, registry: Registry) -> Prepared:
     options = resolve_options(recipe, registry)
     get = lambda kind, ref: registry.get(kind, ref.name).cls  # noqa: E731
-    _check_repeats(recipe, options, get)
+    if getattr(recipe, "modalities", None) is not None:
+        from .build_joint import prepare_modalities
+
+        modalities, joint_losses = prepare_modalities(recipe, options, get)
+        _run_validate_hook(pm, recipe)
+        return Prepared(recipe, pm, registry, None, modalities=modalities, joint_losses=joint_losses)
+    check_repeats(recipe, options, get)
     tokenizer = _construct("tokenizer", get("tokenizer", recipe.tokenizer), options["tokenizer"])
     if recipe.task != "pretrain":
         # finetune / linprobe / knn need the tokenizer and the weights' reader; `validate_recipe` hooks
@@ -126,25 +148,42 @@ def _prepare(recipe: AnyRecipe, pm: pluggy.PluginManager, registry: Registry) ->
                 raise RecipeError([("init.format", str(err))]) from None
             fmt = entry.cls(entry.cls.Options())
         return Prepared(recipe, pm, registry, Components(tokenizer, None, None, [], fmt))
+    components = build_flow("", recipe, recipe, tokenizer, options, get)
+    _run_validate_hook(pm, recipe)
+    return Prepared(recipe, pm, registry, components)
+
+
+def build_flow(prefix: str, recipe: AnyRecipe, refs, tokenizer: Tokenizer, options: dict, get) -> Components:
+    """The masker, target and losses that `refs` (the recipe, or one of its modalities) names, constructed for
+    `tokenizer`; `prefix` ("" or "modalities.<name>.") starts their field paths in errors."""
     model = recipe.model
     if model.decoder_attention == "local":
         shift = model.decoder_window_shift or tuple(w // 2 for w in model.decoder_window)
         _construct("model.decoder_window", resolve_window, tokenizer.spec.grid, model.decoder_window, shift)
-    masker = _construct("masker", get("masker", recipe.masker), options["masker"], tokenizer.spec)
-    _construct("masker", masker.check_counts)  # a hidden and a visible token on this grid, or the loss is NaN
-    target = _construct("target", get("target", recipe.target), options["target"], tokenizer)
-    names = [ref.name for ref in recipe.losses]
+    masker = _construct(f"{prefix}masker", get("masker", refs.masker), options[f"{prefix}masker"], tokenizer.spec)
+    _construct(f"{prefix}masker", masker.check_counts)  # a hidden and a visible token on this grid, or NaN loss
+    target = _construct(f"{prefix}target", get("target", refs.target), options[f"{prefix}target"], tokenizer)
+    names = [ref.name for ref in refs.losses]
     labels = [name if names.count(name) == 1 else f"{name}.{i}" for i, name in enumerate(names)]
-    losses = [(label, ref.weight,
-               _construct(f"losses.{i}", get("loss", ref), options[f"losses.{i}"], tokenizer))
-              for i, (label, ref) in enumerate(zip(labels, recipe.losses))]
-    _run_validate_hook(pm, recipe)
-    return Prepared(recipe, pm, registry, Components(tokenizer, masker, target, losses))
+    losses = []
+    for i, (label, ref) in enumerate(zip(labels, refs.losses)):
+        cls = get("loss", ref)
+        if not issubclass(cls, Loss):
+            raise RecipeError([(f"{prefix}losses.{i}.name", f"{ref.name!r} is a cross-modal loss (it compares "
+                                                            f"modalities); name it in joint_losses")])
+        losses.append((label, ref.weight, _construct(f"{prefix}losses.{i}", cls, options[f"{prefix}losses.{i}"],
+                                                     tokenizer)))
+    return Components(tokenizer, masker, target, losses)
 
 
-def _check_repeats(recipe: AnyRecipe, options: dict, get) -> None:
+def check_repeats(recipe: AnyRecipe, options: dict, get) -> None:
     """Repeated sampling (`Dataset.item_repeats`): a training batch holds whole items of k samples, and
     evaluation data is never repeated (it would silently do nothing)."""
+    for split in ("train", "eval"):
+        ref = getattr(recipe.data, split)
+        if ref is not None and get("dataset", ref).paired:
+            raise RecipeError([(f"data.{split}.name", f"dataset {ref.name!r} yields several modalities per sample "
+                                                      f"(Dataset.paired); it serves joint recipes with mixing: paired")])
     repeats = get("dataset", recipe.data.train).item_repeats(options["data.train"])
     if recipe.task == "knn" and repeats > 1:
         raise RecipeError([("data.train.options.repeats", "a knn run embeds each training item once, without "
@@ -168,17 +207,27 @@ def _run_validate_hook(pm: pluggy.PluginManager, recipe: AnyRecipe) -> None:
             raise RecipeError([(path, message) if sep else ("recipe", str(err))]) from err
 
 
-def build_dataset(prepared: Prepared, split: str = "train", augment: bool | None = None) -> Dataset:
+def build_dataset(prepared: Prepared, split: str = "train", augment: bool | None = None,
+                  modality: str | None = None) -> Dataset:
     """The training dataset (augmented), or with split="eval" the held-out one (`data.eval`, else the
     training data without augmentation), at the tokenizer's input shape. `augment` overrides the
-    split's default (e.g. the training set without augmentation for a k-NN feature bank)."""
+    split's default (e.g. the training set without augmentation for a k-NN feature bank). A joint recipe:
+    with `modality` (mixing: alternate) that modality's own data (`modalities.<name>.data`) at its tokenizer's
+    input shape; without it (mixing: paired) the top-level data, built with {modality: input shape}."""
     data = prepared.recipe.data
-    path, ref = ("data.eval", data.eval) if split == "eval" and data.eval is not None else ("data.train", data.train)
+    field = "data"
+    if modality is not None:
+        data, field = prepared.recipe.modalities[modality].data, f"modalities.{modality}.data"
+        input_shape = prepared.modalities[modality].tokenizer.input_shape
+    elif prepared.joint:
+        input_shape = {name: c.tokenizer.input_shape for name, c in prepared.modalities.items()}
+    else:
+        input_shape = prepared.components.tokenizer.input_shape
+    path, ref = (f"{field}.eval", data.eval) if split == "eval" and data.eval is not None else (f"{field}.train", data.train)
     entry = prepared.registry.get("dataset", ref.name)
     options = entry.cls.Options.model_validate(ref.options)
     try:
-        return entry.cls(options, prepared.components.tokenizer.input_shape,
-                         split == "train" if augment is None else augment)
+        return entry.cls(options, input_shape, split == "train" if augment is None else augment)
     except OptionError as err:  # the dataset names its option
         raise RecipeError([(f"{path}.options.{err.field}", err.message)], prepared.source) from err
     except (ValueError, OSError) as err:  # OSError: a root, list or file that is missing or unreadable
@@ -206,22 +255,25 @@ def check_data(prepared: Prepared) -> list[tuple[str, str]]:
     entry point calls `require_data(prepared)` to stop with them before it writes anything."""
     recipe = prepared.recipe
     problems = _check_device(recipe.runtime) + _check_output_dir(recipe.runtime.output_dir, recipe.name)
-    sizes: dict[str, int] = {}
-    for split, path in (("train", "data.train"), ("eval", "data.eval")):
-        if split == "eval" and recipe.data.eval is None:
-            continue  # evaluation reuses the training data
-        try:
-            dataset = build_dataset(prepared, split)
-        except RecipeError as err:
-            problems += err.problems
-            continue
-        sizes[path] = len(dataset)
-        unreadable = dataset.unreadable()
-        if split == "train" and len(unreadable) > recipe.data.max_bad_fraction * (len(dataset) + len(unreadable)):
-            problems.append(("data.max_bad_fraction", f"{len(unreadable)} of {len(dataset) + len(unreadable)} files "
-                                                      f"of data.train cannot be read (first: {unreadable[0]})"))
-    if "data.train" in sizes:
-        problems += _check_step_fits(recipe, sizes["data.train"])
+    alternate = [name for name in prepared.modalities if recipe.modalities[name].data is not None]
+    for modality in alternate or [None]:
+        data, field = (recipe.modalities[modality].data, f"modalities.{modality}.data") if modality else (recipe.data, "data")
+        for split in ("train", "eval"):
+            if split == "eval" and data.eval is None:
+                continue  # evaluation reuses the training data
+            try:
+                dataset = build_dataset(prepared, split, modality=modality)
+            except RecipeError as err:
+                problems += err.problems
+                continue
+            unreadable = dataset.unreadable()
+            if split == "eval":
+                continue
+            if len(unreadable) > recipe.data.max_bad_fraction * (len(dataset) + len(unreadable)):
+                problems.append(("data.max_bad_fraction", f"{len(unreadable)} of {len(dataset) + len(unreadable)} "
+                                                          f"files of {field}.train cannot be read (first: "
+                                                          f"{unreadable[0]})"))
+            problems += _check_step_fits(recipe, len(dataset), data.train.name, f"{field}.train")
     return problems
 
 
@@ -257,7 +309,7 @@ def _check_output_dir(output_dir: str, name: str) -> list[tuple[str, str]]:
     return []
 
 
-def _check_step_fits(recipe: AnyRecipe, size: int) -> list[tuple[str, str]]:
+def _check_step_fits(recipe: AnyRecipe, size: int, name: str, field: str = "data.train") -> list[tuple[str, str]]:
     """A training epoch has at least one full optimizer step (the sampler drops partial batches)."""
     optim: Any = getattr(recipe, "optim", None)
     if optim is None:  # k-NN: features are computed in batches of any size
@@ -268,8 +320,8 @@ def _check_step_fits(recipe: AnyRecipe, size: int) -> list[tuple[str, str]]:
         return []
     factors = f"data.batch_size {recipe.data.batch_size} × optim.accum_steps {optim.accum_steps}"
     factors += f" × {world} processes" if world > 1 else ""
-    return [("data.batch_size", f"one optimizer step takes {factors} = {need} samples, but data.train "
-                                f"({recipe.data.train.name}) holds {size}: not one full step per epoch; lower "
+    return [("data.batch_size", f"one optimizer step takes {factors} = {need} samples, but {field} "
+                                f"({name}) holds {size}: not one full step per epoch; lower "
                                 f"data.batch_size or optim.accum_steps")]
 
 

@@ -34,10 +34,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"error: {named}", file=sys.stderr)
             failed += 1
             continue
-        spec = prepared.components.tokenizer.spec
         checked = "; data, device and output directory checked" if args.data else ""
-        print(f"{path}: ok ({prepared.recipe.name}: grid {spec.grid}, {spec.num_tokens} tokens of "
-              f"{spec.patch_dim}{checked})")
+        flows = prepared.modalities or {"": prepared.components}
+        grids = ", ".join(f"{f'{name} ' if name else ''}grid {c.tokenizer.spec.grid}, {c.tokenizer.spec.num_tokens} "
+                          f"tokens of {c.tokenizer.spec.patch_dim}" for name, c in flows.items())
+        print(f"{path}: ok ({prepared.recipe.name}: {grids}{checked})")
     return 2 if failed else 0
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from torch import Tensor
@@ -28,8 +28,13 @@ class Dataset(Component, torch.utils.data.Dataset):
     # Class names in label order (label i is classes[i]), or None for unlabelled data or bare indices. The
     # engine aligns an eval set's labels to the training set's classes by these names.
     classes: list[str] | None = None
+    # True for a dataset whose samples hold several modalities at once (a joint recipe's `mixing: paired`, e.g.
+    # audio + frames of one clip): it is constructed with `input_shape` = {modality name: shape}, one entry per
+    # modality of the recipe, and `__getitem__` returns ({modality name: tensor [*shape]}, label). The engine
+    # refuses a dataset that is not paired in a paired recipe, and a paired one elsewhere.
+    paired: ClassVar[bool] = False
 
-    def __init__(self, options: Options, input_shape: tuple[int, ...], train: bool):
+    def __init__(self, options: Options, input_shape: tuple[int, ...] | dict[str, tuple[int, ...]], train: bool):
         Component.__init__(self, options)
         self.input_shape = input_shape
         self.train = train
@@ -38,7 +43,8 @@ class Dataset(Component, torch.utils.data.Dataset):
     def __len__(self) -> int: ...
 
     @abstractmethod
-    def __getitem__(self, index: int) -> tuple[Tensor, int]: ...
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        """(sample [*input_shape], label); a `paired` dataset: ({modality: [*input_shape[modality]]}, label)."""
 
     @property
     def views(self) -> int:

@@ -16,25 +16,9 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdap
                       ValidationInfo, field_validator, model_validator)
 
 from .errors import PluginError, RecipeError
+from .recipe_base import SEED_RANGE, ComponentRef, LossRef, Seed, Strict  # noqa: F401 (re-exported)
 from .recipe_file import read_recipe_tree
-
-
-# torch.manual_seed and torch.Generator.manual_seed accept [-2**63, 2**64 - 1] (negative seeds are remapped)
-SEED_RANGE = (-2**63, 2**64 - 1)
-Seed = Annotated[int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ComponentRef(Strict):
-    name: str = Field(description="registered component name; `maeframe plugins` lists them")
-    options: dict[str, Any] = Field(default_factory=dict, description="the component's own options")
-
-
-class LossRef(ComponentRef):
-    weight: float = Field(1.0, ge=0, description="multiplier of this term in the total loss")
+from .recipe_joint import JOINT_FIELDS, MODALITY_NAME, ModalityConfig, check_joint, joint_refs
 
 
 class ModelConfig(Strict):
@@ -54,6 +38,17 @@ class ModelConfig(Strict):
     activation_checkpointing: bool = Field(
         False, description="recompute each encoder/decoder block's activations in the backward pass: far less "
                            "activation memory (large models, big batches) for about one more forward of compute")
+    modality_blocks: int = Field(0, ge=0, description="joint recipes: the first N of the `depth` encoder blocks are "
+                                                      "per-modality (CAV-MAE: 11 of 12), the rest shared; 0 = all "
+                                                      "shared (OmniMAE)")
+    shared_patch_embed: bool = Field(False, description="joint recipes (alternate mixing): one patch embedding for "
+                                                        "all modalities, whose patches must then have one size "
+                                                        "(OmniMAE: images as 2-frame clips); false = one each")
+    pooled_latent: Literal["none", "joint", "separate"] = Field(
+        "none", description="joint recipes (paired mixing): also return each modality's pooled latent [B, D] for "
+                            "cross-modal losses (`Prediction.pooled`): joint = mean of its tokens after the shared "
+                            "blocks ran on all modalities together; separate = the shared blocks run again on this "
+                            "modality's tokens alone (CAV-MAE's contrastive input); none = not computed")
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelConfig:
@@ -64,7 +59,9 @@ class ModelConfig(Strict):
 
 
 class DataConfig(Strict):
-    train: ComponentRef = Field(description="training dataset component")
+    train: ComponentRef | None = Field(None, description="training dataset component (required, except in a joint "
+                                                         "recipe with mixing: alternate, whose modalities name "
+                                                         "their own data)")
     eval: ComponentRef | None = Field(None, description="held-out dataset for pictures, PSNR and kNN "
                                                         "(default: the training data without augmentation)")
     batch_size: int = Field(gt=0, description="samples per step on one device (before accumulation)")
@@ -169,10 +166,21 @@ class Recipe(Strict):
     seed: Seed = Field(0, description="seeds model init, masks, data order and augmentation (torch's range: "
                                       "-2**63 to 2**64 - 1)")
     plugins: list[str] = Field(default_factory=list, description="extra plugin modules to import by name")
-    tokenizer: ComponentRef = Field(description="turns samples into patches; fixes the token grid")
-    masker: ComponentRef = Field(description="chooses the hidden tokens")
-    target: ComponentRef = Field(description="what the decoder predicts")
-    losses: list[LossRef] = Field(min_length=1, description="weighted loss terms, summed")
+    tokenizer: ComponentRef | None = Field(None, description="turns samples into patches; fixes the token grid "
+                                                             "(absent in a joint recipe: see modalities)")
+    masker: ComponentRef | None = Field(None, description="chooses the hidden tokens (absent in a joint recipe)")
+    target: ComponentRef | None = Field(None, description="what the decoder predicts (absent in a joint recipe)")
+    losses: list[LossRef] | None = Field(None, min_length=1, description="weighted loss terms, summed (absent in a "
+                                                                          "joint recipe)")
+    modalities: dict[Annotated[str, Field(pattern=MODALITY_NAME)], ModalityConfig] | None = Field(
+        None, description="joint pretraining: {modality name: its tokenizer, masker, target, losses, data, weight} "
+                          "replacing the top-level tokenizer/masker/target/losses (maeframe/recipe_joint.py)")
+    mixing: Literal["alternate", "paired"] | None = Field(
+        None, description="joint recipes: alternate = each step trains one modality drawn by weight (OmniMAE); "
+                          "paired = each sample holds every modality (CAV-MAE)")
+    joint_losses: list[LossRef] | None = Field(None, description="mixing: paired: cross-modal loss terms "
+                                                                 "(`CrossModalLoss`, e.g. a contrastive one), "
+                                                                 "logged as loss/joint/<name>")
     model: ModelConfig = Field(default_factory=ModelConfig, description="encoder/decoder sizes")
     data: DataConfig
     optim: OptimConfig
@@ -182,6 +190,7 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _graphs_fit(self) -> Recipe:
         _cuda_graphs_without_accumulation(self.runtime, self.optim)
+        check_joint(self)
         return self
 
 
@@ -219,6 +228,9 @@ class InitConfig(Strict):
                                                 "official_audiomae (reference .pth files), ...; none: random "
                                                 "initialisation (the baseline)")
     checkpoint: str | None = Field(None, description="path of the weights; only the encoder is used")
+    modality: str | None = Field(None, description="a joint (multi-modality) maeframe checkpoint: the modality whose "
+                                                   "patch embedding and per-modality blocks join the shared encoder "
+                                                   "blocks; null = the one whose tokenizer equals this recipe's")
 
     @model_validator(mode="after")
     def _checkpoint_given(self) -> InitConfig:
@@ -239,6 +251,7 @@ class HeadConfig(Strict):
 
 
 class DownstreamDataConfig(DataConfig):
+    train: ComponentRef = Field(description="training dataset component")
     eval: ComponentRef = Field(description="held-out labelled dataset, evaluated after every epoch")
 
 
@@ -400,7 +413,7 @@ AnyRecipe = Annotated[
 RECIPE_ADAPTER: TypeAdapter[Any] = TypeAdapter(AnyRecipe)
 
 
-_FIELD_MESSAGE = re.compile(r"^Value error, ([A-Za-z_]\w*(?:\.\w+)+): (.*)$", re.S)
+_FIELD_MESSAGE = re.compile(r"^Value error, ([A-Za-z_]\w*(?:\.\w+)+|" + "|".join(JOINT_FIELDS) + r"): (.*)$", re.S)
 
 
 def _problems(err: ValidationError, prefix: str = "", tags: tuple[str, ...] = ()) -> list[tuple[str, str]]:
@@ -432,12 +445,12 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> AnyRecipe:
 def component_refs(recipe: AnyRecipe) -> list[tuple[str, str, ComponentRef]]:
     """(field path, kind, ref) for every component the recipe names (downstream recipes have no masker,
     target or losses)."""
-    refs = [("tokenizer", "tokenizer", recipe.tokenizer)]
-    refs += [(kind, kind, getattr(recipe, kind)) for kind in ("masker", "target") if hasattr(recipe, kind)]
-    refs += [("data.train", "dataset", recipe.data.train)]
+    refs = [("tokenizer", "tokenizer", recipe.tokenizer)] if recipe.tokenizer is not None else []
+    refs += [(kind, kind, getattr(recipe, kind)) for kind in ("masker", "target") if getattr(recipe, kind, None)]
+    refs += [("data.train", "dataset", recipe.data.train)] if recipe.data.train is not None else []
     refs += [("data.eval", "dataset", recipe.data.eval)] if recipe.data.eval is not None else []
-    refs += [(f"losses.{i}", "loss", ref) for i, ref in enumerate(getattr(recipe, "losses", []))]
-    return refs
+    refs += [(f"losses.{i}", "loss", ref) for i, ref in enumerate(getattr(recipe, "losses", None) or [])]
+    return refs + joint_refs(recipe)
 
 
 def resolve_options(recipe: AnyRecipe, registry) -> dict[str, BaseModel]:

@@ -13,7 +13,7 @@ import pluggy
 from .component import Component
 from .dataset import Dataset
 from .errors import PluginError
-from .loss import Loss
+from .loss import CrossModalLoss, Loss
 from .masker import Masker
 from .plugins import PluginManager, plugin_info
 from .recipe import component_refs
@@ -21,12 +21,12 @@ from .target import Target
 from .tokenizer import Tokenizer
 from .weights import WeightFormat
 
-KINDS: dict[str, tuple[str, type[Component]]] = {
-    # kind: (registration hook, required base class)
+KINDS: dict[str, tuple[str, type[Component] | tuple[type[Component], ...]]] = {
+    # kind: (registration hook, required base class or classes)
     "tokenizer": ("register_tokenizers", Tokenizer),
     "masker": ("register_maskers", Masker),
     "target": ("register_targets", Target),
-    "loss": ("register_losses", Loss),
+    "loss": ("register_losses", (Loss, CrossModalLoss)),  # per-modality losses and joint_losses
     "dataset": ("register_datasets", Dataset),
     "weight_format": ("register_weight_formats", WeightFormat),
 }
@@ -59,8 +59,9 @@ class Registry:
             for impl in getattr(pm.hook, hook_name).get_hookimpls():
                 self._collect(kind, base, hook_name, impl)
 
-    def _collect(self, kind: str, base: type, hook_name: str, impl: pluggy.HookImpl) -> None:
+    def _collect(self, kind: str, base: type | tuple[type, ...], hook_name: str, impl: pluggy.HookImpl) -> None:
         plugin = impl.plugin_name
+        bases = " or ".join(f"maeframe.{b.__name__}" for b in (base if isinstance(base, tuple) else (base,)))
         table = self.entries[kind]
 
         def register(name: str, cls: type) -> None:
@@ -69,12 +70,12 @@ class Registry:
             if not (isinstance(cls, type) and issubclass(cls, base)):
                 raise PluginError(
                     f"plugin {plugin!r} registered {kind} {name!r} as {cls!r}, which is not a subclass of "
-                    f"maeframe.{base.__name__}"
+                    f"{bases}"
                 )
             if inspect.isabstract(cls):
                 missing = ", ".join(sorted(cls.__abstractmethods__))
                 raise PluginError(f"plugin {plugin!r} registered {kind} {name!r} as {cls.__qualname__}, which does "
-                                  f"not implement {missing} of maeframe.{base.__name__}")
+                                  f"not implement {missing} of {bases}")
             if name in table:
                 raise PluginError(
                     f"{kind} {name!r} is registered twice: by plugin {table[name].plugin!r} and by plugin {plugin!r}"

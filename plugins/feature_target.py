@@ -250,6 +250,12 @@ def register_targets(register):
 def validate_recipe(recipe):
     """Reject an EMA feature target whose `dim` or `layer` does not fit the recipe's encoder, or whose
     encoder is sharded (FSDP2 modules cannot be deep-copied into a teacher)."""
+    if getattr(recipe, "modalities", None):
+        for name, modality in recipe.modalities.items():
+            if modality.target.name == "feature" and modality.target.options.get("teacher") == "ema":
+                raise ValueError(f"modalities.{name}.target.options.teacher: an EMA teacher copies a single-modality "
+                                 f"encoder; joint recipes take a frozen teacher (teacher: timm)")
+        return
     target = recipe.target
     if target.name != "feature" or target.options.get("teacher") != "ema":
         return

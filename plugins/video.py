@@ -152,7 +152,9 @@ def register_tokenizers(register):
 def validate_recipe(recipe):
     """The ViT's sin-cos position embedding of a 3-D grid splits each width into sin and cos over three
     axes: reject widths that are not multiples of 6 before training starts, not when the model is built."""
-    if recipe.tokenizer.name != "video_tube":
+    tokenizers = [recipe.tokenizer] if recipe.tokenizer is not None else [
+        modality.tokenizer for modality in (getattr(recipe, "modalities", None) or {}).values()]
+    if all(tokenizer.name != "video_tube" for tokenizer in tokenizers):
         return
     model = getattr(recipe, "model", None)
     for field in ("embed_dim", "decoder_embed_dim"):

@@ -40,6 +40,10 @@ class OptimizerStep:
     """`step(step, micro_batches)` -> detached device metrics {loss, loss/<term>, grad_norm}. Subclasses
     give `losses(inputs, labels, step, micro)` and may add work before (`begin`) and after (`end`) a step."""
 
+    # True when a step may leave some parameters without a gradient (a joint model trained on one modality per
+    # step): DDP then looks for them after each backward
+    find_unused_parameters = False
+
     def __init__(self, model: nn.Module, prepared: Prepared, runtime: Runtime, world: World, lr: float,
                  steps_per_epoch: int, build_optimizer):
         recipe = prepared.recipe
@@ -56,7 +60,8 @@ class OptimizerStep:
             shard_model(self.model, runtime.precision, world, self.device)
         elif world.distributed:
             ids = [world.local_rank] if self.device.type == "cuda" else None
-            wrapped = self.ddp = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
+            wrapped = self.ddp = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False,
+                                                         find_unused_parameters=self.find_unused_parameters)
         self.step_model = compile_static(wrapped, recipe.runtime.compile_mode) if recipe.runtime.compile else wrapped
         self.cuda_graphs = recipe.runtime.cuda_graphs
         self.optimizer = build_optimizer(self.model)

@@ -20,6 +20,14 @@ def gather_tokens(x: Tensor, ids: Tensor) -> Tensor:
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def with_mask_tokens(visible: Tensor, mask_token: Tensor, ids_restore: Tensor) -> Tensor:
+    """visible [B, V, D] (in the encoder's order), mask_token [1, 1, D], ids_restore [B, N] -> [B, N, D] in grid
+    order: each visible token back at its position, the mask token at every hidden one."""
+    hidden = ids_restore.shape[1] - visible.shape[1]
+    x = torch.cat([visible, mask_token.expand(visible.shape[0], hidden, -1)], dim=1)
+    return gather_tokens(x, ids_restore)
+
+
 def run_blocks(blocks: nn.Sequential, x: Tensor, recompute: bool) -> Tensor:
     """x [B, L, D] through the blocks; with `recompute`, each block's activations are dropped after the
     forward and recomputed in the backward (activation checkpointing: memory for compute)."""
@@ -105,8 +113,6 @@ class Decoder(nn.Module):
         """latent [B, 1 + V, D_enc], ids_restore [B, N] -> predictions [B, N, out_dim]."""
         x = self.embed(latent)
         cls, visible = x[:, :1], x[:, 1:]
-        hidden = ids_restore.shape[1] - visible.shape[1]
-        x = torch.cat([visible, self.mask_token.expand(x.shape[0], hidden, -1)], dim=1)
-        x = gather_tokens(x, ids_restore) + self.pos_embed
+        x = with_mask_tokens(visible, self.mask_token, ids_restore) + self.pos_embed
         x = self.norm(run_blocks(self.blocks, torch.cat([cls, x], dim=1), self.recompute))
         return self.head(x[:, 1:])
