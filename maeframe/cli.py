@@ -35,9 +35,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
             failed += 1
             continue
         checked = "; data, device and output directory checked" if args.data else ""
-        flows = prepared.modalities or {"": prepared.components}
+        flows = prepared.modalities or ({"": prepared.components} if prepared.components else {})
         grids = ", ".join(f"{f'{name} ' if name else ''}grid {c.tokenizer.spec.grid}, {c.tokenizer.spec.num_tokens} "
                           f"tokens of {c.tokenizer.spec.patch_dim}" for name, c in flows.items())
+        grids = grids or "tokenizers from init.checkpoint"  # a retrieval recipe
         print(f"{path}: ok ({prepared.recipe.name}: {grids}{checked})")
     return 2 if failed else 0
 

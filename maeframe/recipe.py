@@ -393,9 +393,11 @@ class KnnRecipe(_DownstreamRecipe):
         return self
 
 
-DOWNSTREAM_TYPES = (FinetuneRecipe, LinprobeRecipe, KnnRecipe)
+from .recipe_retrieval import RetrievalRecipe  # noqa: E402 (it builds on the configs above)
+
+DOWNSTREAM_TYPES = (FinetuneRecipe, LinprobeRecipe, KnnRecipe, RetrievalRecipe)
 RECIPE_TYPES = (Recipe, *DOWNSTREAM_TYPES)
-TASKS = ("pretrain", "finetune", "linprobe", "knn")
+TASKS = ("pretrain", "finetune", "linprobe", "knn", "retrieval")
 
 
 def _task_of(value: Any) -> str | None:
@@ -405,7 +407,8 @@ def _task_of(value: Any) -> str | None:
 
 AnyRecipe = Annotated[
     Union[Annotated[Recipe, Tag("pretrain")], Annotated[FinetuneRecipe, Tag("finetune")],
-          Annotated[LinprobeRecipe, Tag("linprobe")], Annotated[KnnRecipe, Tag("knn")]],
+          Annotated[LinprobeRecipe, Tag("linprobe")], Annotated[KnnRecipe, Tag("knn")],
+          Annotated[RetrievalRecipe, Tag("retrieval")]],
     Discriminator(_task_of, custom_error_type="unknown_task",
                   custom_error_message=f"task must be one of {', '.join(TASKS)}"),
 ]
@@ -445,7 +448,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> AnyRecipe:
 def component_refs(recipe: AnyRecipe) -> list[tuple[str, str, ComponentRef]]:
     """(field path, kind, ref) for every component the recipe names (downstream recipes have no masker,
     target or losses)."""
-    refs = [("tokenizer", "tokenizer", recipe.tokenizer)] if recipe.tokenizer is not None else []
+    refs = [("tokenizer", "tokenizer", recipe.tokenizer)] if getattr(recipe, "tokenizer", None) is not None else []
     refs += [(kind, kind, getattr(recipe, kind)) for kind in ("masker", "target") if getattr(recipe, kind, None)]
     refs += [("data.train", "dataset", recipe.data.train)] if recipe.data.train is not None else []
     refs += [("data.eval", "dataset", recipe.data.eval)] if recipe.data.eval is not None else []

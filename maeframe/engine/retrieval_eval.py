@@ -19,6 +19,7 @@ from .. import __version__
 from ..build import Prepared, build_dataset, prepare
 from ..errors import MaeframeError, RecipeError
 from ..masker import Mask
+from ..model.joint import JointMaskedAutoencoder
 from ..recipe import RECIPE_ADAPTER, dump_recipe
 from .checkpoint import load_checkpoint
 from .distributed import barrier, map_dataset, shutdown_world
@@ -75,6 +76,11 @@ class RetrievalTask:
         self.modalities = list(joint.modalities)
         self.world, self.runtime = start_process(recipe.runtime, recipe.seed)
         # the retrieval recipe's data, built at the checkpoint's input shapes ({modality: shape})
+        for field, ref in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval)):
+            if not prepared.registry.get("dataset", ref.name).cls.paired:
+                raise MaeframeError(f"{field}.name: retrieval reads paired samples (every modality of "
+                                    f"{', '.join(self.modalities)} per sample, Dataset.paired); {ref.name!r} "
+                                    f"yields one")
         data_view = dataclasses.replace(joint, recipe=recipe, source=prepared.source)
         self.bank_set = build_dataset(data_view, "train", augment=False)
         self.eval_set = build_dataset(data_view, "eval")
@@ -84,10 +90,13 @@ class RetrievalTask:
         barrier(self.world)
 
     def _model(self, joint: Prepared, state: dict[str, Any]) -> torch.nn.Module:
-        from ..model.joint import build_joint_model
-
+        """The checkpoint's JointMaskedAutoencoder (as joint pretraining builds it), its weights loaded unless
+        `init.random_weights`."""
         torch.manual_seed(self.recipe.seed)  # the random-weights baseline is a function of the seed
-        model = build_joint_model(joint)
+        flows = joint.modalities
+        model = JointMaskedAutoencoder({name: c.tokenizer.spec for name, c in flows.items()},
+                                       {name: c.target.out_dim for name, c in flows.items()},
+                                       joint.recipe.model, typed=True)
         if not self.recipe.init.random_weights:
             missing, unexpected = model.load_state_dict(state["model"], strict=False)
             if missing or unexpected:
