@@ -1,0 +1,84 @@
+"""CAV-MAE: the paper recipe validates; the CPU recipe trains on the spoken-letter pairs and draws both
+modalities; the retrieval task on a joint checkpoint equals a direct computation and refuses other checkpoints."""
+import json
+
+import pytest
+import torch
+
+from conftest import QUICKSTART, RECIPES, tiny
+from maeframe.build import prepare
+from maeframe.cli import main
+from maeframe.engine.checkpoint import FORMAT, atomic_save
+from maeframe.masker import Mask
+from maeframe.model.joint import JointMaskedAutoencoder
+from maeframe_plugins.spoken_letters import SpokenLettersDataset, SpokenLettersOptions
+
+LANGUAGES = "[en, fr]"
+SMALL = ["model.embed_dim=32", "model.num_heads=2", "model.depth=2", "model.modality_blocks=1",
+         "model.decoder_embed_dim=16", "model.decoder_depth=1", "model.decoder_num_heads=2"]
+DATA = [f"data.{split}.options.languages={LANGUAGES}" for split in ("train", "eval")]
+
+
+def test_paper_recipe_validates(capsys):
+    assert main(["validate", str(RECIPES / "cav_mae_vitb.yaml")]) == 0
+    assert "audio grid (64, 8), 512 tokens" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def joint_checkpoint(tmp_path_factory):
+    """A tiny joint CAV-MAE checkpoint (the CPU recipe's model, shrunk), in the format pretraining writes."""
+    path = tmp_path_factory.mktemp("joint") / "joint.pt"
+    prepared = prepare(RECIPES / "cav_mae_klettres.yaml", SMALL + DATA)
+    flows = prepared.modalities
+    torch.manual_seed(0)
+    model = JointMaskedAutoencoder({n: c.tokenizer.spec for n, c in flows.items()},
+                                   {n: c.target.out_dim for n, c in flows.items()}, prepared.recipe.model, typed=True)
+    atomic_save({"format": FORMAT, "step": 1, "recipe": prepared.recipe.model_dump(mode="json"),
+                 "model": model.state_dict()}, path)
+    return path, prepared, model
+
+
+def retrieval(tmp_path, checkpoint, *extra):
+    return main(["run", str(RECIPES / "retrieval_klettres.yaml"), f"init.checkpoint={checkpoint}",
+                 f"runtime.output_dir={tmp_path}", *DATA, *extra])
+
+
+def test_retrieval_equals_a_direct_computation(tmp_path, joint_checkpoint):
+    path, prepared, model = joint_checkpoint
+    assert retrieval(tmp_path, path) == 0
+    results = json.loads((tmp_path / "retrieval_klettres" / "results.json").read_text())
+    final = results["final"]
+    assert results["modalities"] == ["audio", "visual"] and results["representation"] == "separate"
+    # the held-out pairs embedded by hand: each modality alone, all tokens visible, the model's pooled latent
+    shapes = {n: c.tokenizer.input_shape for n, c in prepared.modalities.items()}
+    options = SpokenLettersOptions(**prepared.recipe.data.eval.options)
+    pairs = SpokenLettersDataset(options, shapes, train=False)
+    samples = [pairs[i][0] for i in range(len(pairs))]
+    embedded = {}
+    with torch.no_grad():
+        model.eval()
+        for name, flow in prepared.modalities.items():
+            patches = flow.tokenizer.tokenize(torch.stack([s[name] for s in samples])).patches
+            ids = torch.arange(patches.shape[1]).expand(len(samples), -1)
+            _, pooled = model.encoder({name: patches}, {name: Mask(ids, ids, torch.zeros(ids.shape))})
+            embedded[name] = torch.nn.functional.normalize(pooled[name], dim=1)
+    assert results["pairs"] == len(pairs) and results["chance"]["R@1"] == pytest.approx(1 / len(pairs))
+    for query, key in (("audio", "visual"), ("visual", "audio")):
+        similarity = embedded[query] @ embedded[key].T
+        rank = (similarity >= similarity.diagonal()[:, None]).sum(1)  # 1 + keys at least as close as the match
+        for k in (1, 5, 10):
+            got = final[f"retrieval/{query}_to_{key}/R@{k}"]
+            assert 0 <= got <= 1 and got == pytest.approx((rank <= k).float().mean().item(), abs=1e-6)
+    assert 0 <= final["knn/audio/top1"] <= 1 and 0 <= final["knn/visual/top1"] <= 1
+
+
+def test_retrieval_refuses_a_single_modality_checkpoint(tmp_path, capsys, joint_checkpoint):
+    single = tmp_path / "single.pt"
+    recipe = prepare(QUICKSTART, tiny(tmp_path)).recipe
+    atomic_save({"format": FORMAT, "step": 1, "recipe": recipe.model_dump(mode="json"), "model": {}}, single)
+    assert retrieval(tmp_path, single) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "init.checkpoint" in err and "single-modality" in err
+    assert retrieval(tmp_path, tmp_path / "absent.pt") == 2
+    assert "init.checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "retrieval_klettres").exists()
