@@ -31,6 +31,7 @@ from maeframe import Dataset, hookimpl
 
 from .audio_data import AudioDataset, AudioOptions
 from .image_decode import DecodeOptions, decode
+from .spoken_letters import denormalize_by_shape
 
 
 class AvFramesOptions(AudioOptions, DecodeOptions):
@@ -147,6 +148,11 @@ class AvFramesDataset(Dataset):
         path = self.frame_path(index)
         frame = self.transform(decode(path, str(path), self.visual_shape[0], self.options))
         return {self.options.audio_modality: spectrogram, self.options.visual_modality: frame}, label
+
+    def denormalize(self, batch: Tensor) -> Tensor:
+        """Either modality's normalised batch -> [0, 1] for pictures; the batch's shape tells the modality."""
+        return denormalize_by_shape(batch, self.input_shape, {self.options.audio_modality: self.audio.denormalize,
+                                                              self.options.visual_modality: self.denormalize_visual})
 
     def denormalize_visual(self, batch: Tensor) -> Tensor:
         """Normalised frames [B, C, H, W] -> [0, 1]."""

@@ -192,6 +192,11 @@ class SpokenLettersDataset(Dataset):
             sample[o.visual_modality] = self.visual(index)
         return sample, label
 
+    def denormalize(self, batch: Tensor) -> Tensor:
+        """Either modality's normalised batch -> [0, 1] for pictures; the batch's shape tells the modality."""
+        return denormalize_by_shape(batch, self.input_shape, {self.options.audio_modality: self.audio.denormalize,
+                                                              self.options.visual_modality: self.denormalize_visual})
+
     def denormalize_visual(self, batch: Tensor) -> Tensor:
         """Normalised visual batch [B, C, (T,) H, W] -> [0, 1]."""
         shape = (1, -1) + (1,) * (batch.dim() - 2)
@@ -232,6 +237,16 @@ class SpokenLetterClips(SpokenLettersDataset):
 
     def denormalize(self, batch: Tensor) -> Tensor:
         return self.denormalize_visual(batch)
+
+
+def denormalize_by_shape(batch: Tensor, shapes: dict[str, tuple[int, ...]], undo: dict) -> Tensor:
+    """Apply undo[m] for the one modality m whose input shape is the batch's [B, *shape]; a ValueError when
+    none or both match (then the pictures cannot tell the modalities apart: give them different shapes)."""
+    found = [name for name, shape in shapes.items() if tuple(batch.shape[1:]) == tuple(shape)]
+    if len(found) != 1:
+        raise ValueError(f"a batch of shape {tuple(batch.shape)} matches {found or 'none'} of the input shapes "
+                         f"{shapes}: cannot tell which modality to draw")
+    return undo[found[0]](batch)
 
 
 @hookimpl

@@ -79,3 +79,13 @@ def test_single_modality_variants_give_the_same_samples(test_set):
     (audio, label), (pair, pair_label) = sounds[3], test_set[3]
     assert label == pair_label == clips[3][1] and torch.equal(audio, pair["audio"])
     assert torch.equal(clips[3][0], pair["visual"]) and not sounds.paired and test_set.paired
+
+
+def test_pictures_undo_each_modalitys_normalisation(test_set):
+    sample, _ = test_set[0]
+    visual = test_set.denormalize(sample["visual"][None])
+    assert torch.allclose(visual, (sample["visual"][None] * 1.0 + 0.0).clamp(0, 1))  # mean 0, std 1 here
+    audio = test_set.denormalize(sample["audio"][None])
+    assert torch.equal(audio, test_set.audio.denormalize(sample["audio"][None]))
+    with pytest.raises(ValueError, match="cannot tell"):
+        test_set.denormalize(torch.zeros(1, 2, 3, 4))
