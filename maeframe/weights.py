@@ -36,6 +36,12 @@ class WeightFormat(Component):
         """The encoder layout these weights need; default: maeframe's (cls token, sin-cos positions)."""
         return EncoderLayout()
 
+    def trained_recipe(self, path: Path) -> dict[str, Any] | None:
+        """The recipe (as a dict) the weights at `path` were trained with, when the file records one; default None.
+        The core reads it for a joint checkpoint (keys `encoder.modalities.*`): it maps the modality that
+        `init.modality` names (or whose tokenizer equals the recipe's) onto a single-modality encoder."""
+        return None
+
     @abstractmethod
     def read(self, path: Path, spec: TokenSpec, model: Any, tokenizer_options: dict[str, Any]) -> dict[str, Tensor]:
         """The weights at `path` as {maeframe name: tensor} (keys outside `encoder.` are dropped), for the

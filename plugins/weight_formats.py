@@ -22,7 +22,7 @@ def check_recorded_architecture(recipe: dict[str, Any], path: Path, model: Encod
     recorded = recipe.get("model", {})
     problems = [f"model.{key}: the checkpoint's encoder has {recorded[key]!r}, the recipe {getattr(model, key)!r}"
                 for key in ARCHITECTURE if model is not None and key in recorded and recorded[key] != getattr(model, key)]
-    theirs = recipe.get("tokenizer", {}).get("options", {})
+    theirs = (recipe.get("tokenizer") or {}).get("options", {})  # a joint recipe's tokenizers are per modality
     for key in ("patch_size", "channels"):
         if tokenizer_options and key in theirs and key in tokenizer_options and theirs[key] != tokenizer_options[key]:
             problems.append(f"tokenizer.options.{key}: the checkpoint was pretrained with {theirs[key]!r}, "
@@ -44,6 +44,9 @@ class MaeframeWeights(WeightFormat):
             raise InteropError(f"init.checkpoint: {err}; for reference weights set init.format: official_mae") from None
         check_recorded_architecture(state.get("recipe", {}), path, model, tokenizer_options)
         return state["model"]
+
+    def trained_recipe(self, path: Path) -> dict[str, Any] | None:
+        return load_checkpoint(path).get("recipe")
 
 
 class OfficialMAEWeights(WeightFormat):

@@ -27,6 +27,7 @@ def sample_seed(seed: int, epoch: int, position: int) -> int:
 
 
 DEVICE_AUGMENT_STREAM, DROP_PATH_STREAM, MIXUP_STREAM = 0, 1, 2  # per-step random streams, see stream_seed
+MIXTURE_STREAM = 3  # a joint recipe's modality of each step (alternate mixing, engine/mixture.py)
 
 
 def stream_seed(seed: int, step: int, micro: int, stream: int) -> int:
@@ -132,14 +133,16 @@ class FlattenRepeats:
         return inputs.flatten(0, 1), torch.as_tensor(labels).repeat_interleave(self.repeats, dim=0), failed
 
 
-def make_loader(dataset: Dataset, config: DataConfig, sampler: ResumableBatchSampler, pin_memory: bool) -> DataLoader:
-    """The engine's loader: `SeededDataset` under `sampler`; items of `sampler.repeats` > 1 samples are
-    flattened into batches of samples (`FlattenRepeats`)."""
+def make_loader(dataset: Dataset, config: DataConfig, sampler: Sampler, pin_memory: bool, seeded: bool = True) -> DataLoader:
+    """The engine's loader: `SeededDataset` under `sampler` (`seeded` False: `dataset` seeds its reads itself, as
+    `MixtureDataset` does); items of `sampler.repeats` > 1 samples are flattened into batches of samples
+    (`FlattenRepeats`)."""
     workers = config.num_workers
+    repeats = sampler.repeats
     return DataLoader(
-        SeededDataset(dataset),
+        SeededDataset(dataset) if seeded else dataset,
         batch_sampler=sampler,
-        collate_fn=FlattenRepeats(sampler.repeats) if sampler.repeats > 1 else None,
+        collate_fn=FlattenRepeats(repeats) if repeats > 1 else None,
         num_workers=workers,
         pin_memory=pin_memory and config.pin_memory,
         persistent_workers=workers > 0 and config.persistent_workers,

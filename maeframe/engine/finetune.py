@@ -111,7 +111,7 @@ class FineTuner(Trainer):
         self.unused_keys: list[str] = []
         if fmt is not None and model.encoder is not None:
             weights = pretrained_encoder_state(fmt, recipe.init, self.tokenizer.spec, recipe.model,
-                                               recipe.tokenizer.options)
+                                               recipe.tokenizer.options, recipe.tokenizer.name)
             self.unused_keys = load_encoder(model, weights, recipe.init.checkpoint)
         return model
 

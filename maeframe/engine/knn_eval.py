@@ -38,7 +38,8 @@ def build_encoder(prepared: Prepared, device: torch.device) -> Encoder:
     holder = Classifier(spec, recipe.model, num_classes=1, pool="cls")  # cls keeps the encoder's final norm
     holder.reset_parameters(head_std=0.01)
     if fmt is not None:
-        weights = pretrained_encoder_state(fmt, recipe.init, spec, recipe.model, recipe.tokenizer.options)
+        weights = pretrained_encoder_state(fmt, recipe.init, spec, recipe.model, recipe.tokenizer.options,
+                                           recipe.tokenizer.name)
         load_encoder(holder, weights, recipe.init.checkpoint)
     return holder.encoder.to(device).eval().requires_grad_(False)
 

@@ -137,10 +137,7 @@ class Trainer:
 
         self.dataset = self.build_train_set()
         data, optim = recipe.data, recipe.optim
-        self.sampler = ResumableBatchSampler(len(self.dataset), data.batch_size, recipe.seed, self.world.rank,
-                                             self.world.world_size, batches_multiple=optim.accum_steps,
-                                             repeats=self.dataset.repeats)
-        self.loader = make_loader(self.dataset, data, self.sampler, pin_memory=self.device.type == "cuda")
+        self.sampler, self.loader = self.build_loader(self.dataset)
         self.steps_per_epoch = self.sampler.batches_per_epoch // optim.accum_steps
         self.total_steps = optim.epochs * self.steps_per_epoch
         self.world_size = self.world.world_size
@@ -168,6 +165,15 @@ class Trainer:
 
     def build_train_set(self):
         return build_dataset(self.prepared, "train")
+
+    def build_loader(self, dataset):
+        """(sampler, loader) of the training data: a `ResumableBatchSampler` whose `start(epoch, batch)` positions
+        it and whose `batches_per_epoch` fixes the epoch, and the loader drawing batches through it."""
+        data, optim = self.recipe.data, self.recipe.optim
+        sampler = ResumableBatchSampler(len(dataset), data.batch_size, self.recipe.seed, self.world.rank,
+                                        self.world.world_size, batches_multiple=optim.accum_steps,
+                                        repeats=dataset.repeats)
+        return sampler, make_loader(dataset, data, sampler, pin_memory=self.device.type == "cuda")
 
     def setup(self) -> None:
         """Build what the task needs before its step (runs after the data, before `build_step`)."""
@@ -256,7 +262,10 @@ class Trainer:
         has one; counts unreadable samples the loader skipped and stops above the limit."""
         inputs, labels, failed = next(batches)
         self.samples.add(len(failed), failed)
-        inputs = inputs.to(self.device, non_blocking=True)
+        if isinstance(inputs, dict):  # a joint recipe: {modality: [B, *input_shape]}
+            inputs = {name: x.to(self.device, non_blocking=True) for name, x in inputs.items()}
+        else:
+            inputs = inputs.to(self.device, non_blocking=True)
         labels = torch.as_tensor(labels).to(self.device, non_blocking=True)
         transform = self.dataset.device_transform
         if transform is None:
@@ -265,7 +274,8 @@ class Trainer:
         # same and keeps its rows, as with masks; exact on resume and across world sizes
         seed = stream_seed(self.recipe.seed, self.step, micro, DEVICE_AUGMENT_STREAM)
         generator = torch.Generator(self.device).manual_seed(seed)
-        rows = (self.world.rank * len(inputs), self.world.world_size * len(inputs))
+        size = len(next(iter(inputs.values()))) if isinstance(inputs, dict) else len(inputs)
+        rows = (self.world.rank * size, self.world.world_size * size)
         return transform(inputs, generator, rows=rows), labels
 
     def _preempted(self, every_step: bool) -> bool:
@@ -280,8 +290,8 @@ class Trainer:
         metrics["nonfinite_steps"] = int(step.nonfinite)
         metrics["bad_samples"] = self.samples.bad
         metrics["unreadable_at_build"] = self.samples.unreadable
-        for component in self.prepared.components.all():
-            metrics.update({f"{component.kind}/{key}": value for key, value in component.metrics().items()})
+        for prefix, component in self.prepared.all_components():
+            metrics.update({f"{component.kind}/{prefix}{key}": value for key, value in component.metrics().items()})
         if self.device.type == "cuda":
             metrics["max_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         if log is not None:

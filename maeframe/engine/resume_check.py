@@ -25,11 +25,40 @@ def _harmless(field: str) -> bool:
 
 
 def recipe_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """{field: (old value, new value)} for every resolved-recipe field that differs."""
+    """{field: (old value, new value)} for every resolved-recipe field that differs. A field the old recipe does
+    not have (a checkpoint written before the field existed) that the new one leaves at its schema default is
+    no change: it means what the older version did (e.g. `modalities: null`, `model.modality_blocks: 0`)."""
     a, b = flatten_tree(old), flatten_tree(new)
     missing = "(absent)"
+    defaults = _defaults(new.get("task", "pretrain"))
     return {key: (a.get(key, missing), b.get(key, missing)) for key in dict.fromkeys([*a, *b])
-            if a.get(key, missing) != b.get(key, missing)}
+            if a.get(key, missing) != b.get(key, missing)
+            and not (key not in a and key in defaults and defaults[key] == b[key])}
+
+
+def _defaults(task: str) -> dict[str, Any]:
+    """{dotted field: default} of the plain-valued fields of the recipe type of `task` and of its nested
+    sections (model, runtime, init, ...), as they appear in a dumped recipe."""
+    from pydantic import BaseModel
+
+    from ..recipe import RECIPE_TYPES
+
+    out: dict[str, Any] = {}
+
+    def walk(cls: type[BaseModel], prefix: str) -> None:
+        for name, info in cls.model_fields.items():
+            kind = info.annotation
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                walk(kind, f"{prefix}{name}.")
+            elif not info.is_required() and info.default_factory is None:
+                value = info.default
+                out[prefix + name] = list(value) if isinstance(value, tuple) else value
+
+    recipe_type = next((cls for cls in RECIPE_TYPES if cls.model_fields["task"].default == task
+                        or task in str(cls.model_fields["task"].annotation)), None)
+    if recipe_type is not None:
+        walk(recipe_type, "")
+    return out
 
 
 def check_resume(old: dict[str, Any], new: dict[str, Any], old_world: int | None, new_world: int,

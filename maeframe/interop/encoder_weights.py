@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..errors import RecipeError
+from ..model.joint_weights import modality_encoder_state, pick_modality
 from ..recipe import EncoderConfig, InitConfig
 from ..tokenizer import TokenSpec
 from ..weights import EncoderLayout, WeightFormat
@@ -16,13 +18,26 @@ from .official_mae import InteropError
 
 
 def pretrained_encoder_state(fmt: WeightFormat, init: InitConfig, spec: TokenSpec, model: EncoderConfig | None = None,
-                             tokenizer_options: dict | None = None) -> dict[str, Tensor]:
-    """The `encoder.*` tensors of `init.checkpoint`, read by the recipe's weight format `fmt`."""
+                             tokenizer_options: dict | None = None, tokenizer_name: str | None = None) -> dict[str, Tensor]:
+    """The `encoder.*` tensors of `init.checkpoint`, read by the recipe's weight format `fmt`. A joint checkpoint's
+    encoder is seen as one modality's (`init.modality`, else the modality whose tokenizer is `tokenizer_name`
+    with `tokenizer_options`): its patch embedding and blocks, then the shared blocks."""
     path = Path(init.checkpoint)
     if not (path.is_file() or (fmt.reads_directories and path.is_dir())):  # a dir: fsdp's sharded last.dcp
         hint = " (pretrain first, e.g. `maeframe run recipes/quickstart.yaml`)" if init.format == "maeframe" else ""
         raise FileNotFoundError(f"init.checkpoint {str(path)!r} does not exist{hint}")
     weights = fmt.read(path, spec, model, tokenizer_options or {})
+    if init.modality is not None or any(k.startswith("encoder.modalities.") for k in weights):
+        recipe = fmt.trained_recipe(path) or {}
+        if not recipe.get("modalities"):
+            raise RecipeError([("init.modality", f"{path} holds a single-modality encoder; remove init.modality "
+                                                 f"(it picks a modality of a joint checkpoint)")])
+        tokenizer = {"name": tokenizer_name, "options": tokenizer_options}
+        try:
+            modality = pick_modality(recipe, init.modality, tokenizer, str(path))
+        except ValueError as err:
+            raise RecipeError([("init.modality", str(err).partition(": ")[2])]) from None
+        weights = modality_encoder_state(weights, modality, recipe["model"]["modality_blocks"])
     return {k: v for k, v in weights.items() if k.startswith("encoder.")}
 
 
