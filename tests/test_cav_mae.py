@@ -8,7 +8,7 @@ import torch
 from conftest import QUICKSTART, RECIPES, tiny
 from maeframe.build import prepare
 from maeframe.cli import main
-from maeframe.engine.checkpoint import FORMAT, atomic_save
+from maeframe.engine.checkpoint import FORMAT, atomic_save, load_checkpoint
 from maeframe.masker import Mask
 from maeframe.model.joint import JointMaskedAutoencoder
 from maeframe_plugins.spoken_letters import SpokenLettersDataset, SpokenLettersOptions
@@ -16,7 +16,8 @@ from maeframe_plugins.spoken_letters import SpokenLettersDataset, SpokenLettersO
 LANGUAGES = "[en, fr]"
 SMALL = ["model.embed_dim=32", "model.num_heads=2", "model.depth=2", "model.modality_blocks=1",
          "model.decoder_embed_dim=16", "model.decoder_depth=1", "model.decoder_num_heads=2"]
-DATA = [f"data.{split}.options.languages={LANGUAGES}" for split in ("train", "eval")]
+DATA = [f"data.{split}.options.{key}={value}" for split in ("train", "eval")
+        for key, value in (("languages", LANGUAGES), ("cache_dir", "null"))]  # no fbank cache in ~/.cache
 
 
 def test_paper_recipe_validates(capsys):
@@ -26,16 +27,31 @@ def test_paper_recipe_validates(capsys):
 
 @pytest.fixture(scope="module")
 def joint_checkpoint(tmp_path_factory):
-    """A tiny joint CAV-MAE checkpoint (the CPU recipe's model, shrunk), in the format pretraining writes."""
-    path = tmp_path_factory.mktemp("joint") / "joint.pt"
-    prepared = prepare(RECIPES / "cav_mae_klettres.yaml", SMALL + DATA)
+    """The CPU recipe, shrunk (2 of its 15 languages, a 32-wide model), trained for one epoch of 5 steps."""
+    out = tmp_path_factory.mktemp("joint")
+    overrides = SMALL + DATA + ["optim.epochs=1", "optim.warmup_epochs=0", "data.batch_size=8",
+                                "data.num_workers=0", "runtime.visualize_interval=1", "runtime.log_interval=1",
+                                f"runtime.output_dir={out}"]
+    assert main(["run", str(RECIPES / "cav_mae_klettres.yaml"), *overrides]) == 0
+    run = out / "cav_mae_klettres"
+    prepared = prepare(RECIPES / "cav_mae_klettres.yaml", overrides)
     flows = prepared.modalities
-    torch.manual_seed(0)
     model = JointMaskedAutoencoder({n: c.tokenizer.spec for n, c in flows.items()},
                                    {n: c.target.out_dim for n, c in flows.items()}, prepared.recipe.model, typed=True)
-    atomic_save({"format": FORMAT, "step": 1, "recipe": prepared.recipe.model_dump(mode="json"),
-                 "model": model.state_dict()}, path)
-    return path, prepared, model
+    model.load_state_dict(load_checkpoint(run / "last.pt")["model"])
+    return run, prepared, model
+
+
+def test_cpu_recipe_trains_and_draws_both_modalities(joint_checkpoint):
+    run, _, _ = joint_checkpoint
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [line for line in lines if "loss/joint/contrastive" in line]
+    assert [line["step"] for line in steps] == [1, 2, 3, 4, 5]
+    for line in steps:
+        expected = line["loss/audio/mse"] + line["loss/visual/mse"] + 0.01 * line["loss/joint/contrastive"]
+        assert line["loss"] == pytest.approx(expected, rel=1e-4)
+    for modality in ("audio", "visual"):
+        assert (run / "reconstructions" / modality / "epoch0001.png").stat().st_size > 1000
 
 
 def retrieval(tmp_path, checkpoint, *extra):
@@ -44,8 +60,8 @@ def retrieval(tmp_path, checkpoint, *extra):
 
 
 def test_retrieval_equals_a_direct_computation(tmp_path, joint_checkpoint):
-    path, prepared, model = joint_checkpoint
-    assert retrieval(tmp_path, path) == 0
+    run, prepared, model = joint_checkpoint
+    assert retrieval(tmp_path, run / "last.pt") == 0
     results = json.loads((tmp_path / "retrieval_klettres" / "results.json").read_text())
     final = results["final"]
     assert results["modalities"] == ["audio", "visual"] and results["representation"] == "separate"
@@ -72,7 +88,7 @@ def test_retrieval_equals_a_direct_computation(tmp_path, joint_checkpoint):
     assert 0 <= final["knn/audio/top1"] <= 1 and 0 <= final["knn/visual/top1"] <= 1
 
 
-def test_retrieval_refuses_a_single_modality_checkpoint(tmp_path, capsys, joint_checkpoint):
+def test_retrieval_refuses_a_single_modality_checkpoint(tmp_path, capsys):
     single = tmp_path / "single.pt"
     recipe = prepare(QUICKSTART, tiny(tmp_path)).recipe
     atomic_save({"format": FORMAT, "step": 1, "recipe": recipe.model_dump(mode="json"), "model": {}}, single)
