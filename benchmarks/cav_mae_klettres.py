@@ -93,6 +93,7 @@ def main() -> None:
     joint = yaml.safe_load(JOINT.read_text())
     if args.epochs:
         joint["optim"]["epochs"] = args.epochs
+        joint["optim"]["warmup_epochs"] = min(joint["optim"]["warmup_epochs"], args.epochs)
         joint["runtime"]["checkpoint_interval"] = args.epochs
         joint["runtime"]["visualize_interval"] = args.epochs
     rows: dict[str, list[dict]] = {"joint": [], "joint_random": [], "audio_only": [], "visual_only": []}
