@@ -8,7 +8,7 @@ machine's fonts, moving over a black canvas. Label = the letter (its name in <la
 * audio: the klettres fbank pipeline of `audio_data.py` ([1, T, F] log-mel, same options and augmentations);
 * visual: font, size, start, direction and speed drawn from one per-sample seed (`letter_glyphs.py`): in
   training a seed drawn from torch's global generator, which the engine seeds per sample (new motion every
-  epoch, reproducible run); in evaluation the seed is (seed, index), so test clip i never changes. A 4-D
+  epoch, reproducible run); in evaluation the seed is (seed, split, index), so test clip i never changes. A 4-D
   visual shape (C, T, H, W) gets the whole clip, a 3-D one (C, H, W) one frame of it (CAV-MAE pretrains on
   one frame per video: a random one in training, the middle one in evaluation);
 * split: within each language every `test_every`-th recording (sorted by file name) is held out (`test`), so
@@ -167,7 +167,8 @@ class SpokenLettersDataset(Dataset):
         """The generator of sample `index`'s visual draws (see the module docstring)."""
         if self.train:
             return np.random.default_rng(int(torch.randint(0, 2**62, ())))
-        return np.random.default_rng([self.options.seed % 2**63, index])
+        split = ("all", "train", "test").index(self.options.split)  # the bank and the queries draw apart
+        return np.random.default_rng([self.options.seed % 2**63, split, index])
 
     def visual(self, index: int) -> Tensor:
         """The letter of recording `index`, moving: normalised [C, T, H, W], or one frame [C, H, W]."""
