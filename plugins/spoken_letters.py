@@ -54,7 +54,7 @@ class SpokenLettersOptions(AudioOptions):
     size_range: tuple[float, float] = Field((0.35, 0.8), description="letter height as a fraction of the canvas "
                                                                      "height, drawn uniformly per clip")
     max_speed: float = Field(2.0, ge=0, description="fastest motion, pixels per frame (speed drawn in 0..max)")
-    seed: int = Field(0, description="evaluation clips: clip i is fixed by (seed, i); training draws anew")
+    seed: int = Field(0, description="evaluation clips: clip i is fixed by (seed, split, i); training draws anew")
     visual_mean: tuple[float, ...] = Field((0.0,), description="visual normalisation mean, one per channel or one "
                                                                "for all (pixels are in [0, 1])")
     visual_std: tuple[float, ...] = Field((1.0,), description="visual normalisation std, one per channel or one")
