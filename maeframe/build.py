@@ -49,7 +49,10 @@ class Prepared:
     recipe: AnyRecipe
     pm: pluggy.PluginManager
     registry: Registry
-    components: Components | None  # None for a joint recipe: see `modalities`
+    # the recipe's flow; for a joint recipe the flow of its FIRST modality (what a listing such as `validate`
+    # shows first), while `modalities` holds them all: code that works on one flow checks `joint` and refuses
+    # joint recipes rather than silently taking the first modality (compare, image-stats, audio-stats do)
+    components: Components
     source: str = "recipe"  # the recipe file, named in errors found later (datasets, check_data)
     # a joint recipe (`modalities`): {modality name: its Components}, in recipe order, and the cross-modal losses
     # (label, weight, loss) of `joint_losses`; empty for single-modality recipes
@@ -134,7 +137,8 @@ def _prepare(recipe: AnyRecipe, pm: pluggy.PluginManager, registry: Registry) ->
 
         modalities, joint_losses = prepare_modalities(recipe, options, get)
         _run_validate_hook(pm, recipe)
-        return Prepared(recipe, pm, registry, None, modalities=modalities, joint_losses=joint_losses)
+        return Prepared(recipe, pm, registry, next(iter(modalities.values())), modalities=modalities,
+                        joint_losses=joint_losses)
     if recipe.task == "retrieval":  # tokenizers and model come from init.checkpoint's recipe, read by the task
         return Prepared(recipe, pm, registry, None)
     check_repeats(recipe, options, get)

@@ -93,15 +93,26 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
         return _models_in(args[0])
     if origin in (Union, types.UnionType, list):
         return [model for arg in args for model in _models_in(arg)]
+    if origin is dict and args:
+        return _models_in(args[1])
     return []
+
+
+def _item_path(annotation: Any) -> str:
+    """'<i>.' for a list of models, '<name>.' for a mapping to models (optional or not), else ''."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _item_path(args[0])
+    if origin in (Union, types.UnionType):
+        return next((found for arg in args if (found := _item_path(arg))), "")
+    return {list: "<i>.", dict: "<name>."}.get(origin, "")
 
 
 def walk(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, FieldInfo]]:
     """(dotted path, field) for every field of `model` and, below it, of the models it contains; a list of
-    models contributes `<path>.<i>.<field>`."""
+    models contributes `<path>.<i>.<field>`, a mapping to models `<path>.<name>.<field>`."""
     for name, info in model.model_fields.items():
         path = f"{prefix}{name}"
         yield path, info
-        origin = typing.get_origin(info.annotation)
         for inner in _models_in(info.annotation):
-            yield from walk(inner, f"{path}.<i>." if origin is list else f"{path}.")
+            yield from walk(inner, f"{path}.{_item_path(info.annotation)}")

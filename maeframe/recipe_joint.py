@@ -91,9 +91,10 @@ def check_joint(recipe: Any) -> None:
     if model.decoder_attention != "global":
         raise _refused("model.decoder_attention", "the joint decoder attends over the tokens of several grids at "
                                                   "once; local windows need one 2-D grid (use global)")
-    if recipe.monitor is not None:
-        raise _refused("monitor", "the online k-NN monitor is not available in joint recipes; set monitor: null "
-                                  "and run a knn recipe on the checkpoint (init.modality picks the modality)")
+    if recipe.monitor is not None and recipe.mixing == "paired":
+        raise _refused("monitor", "the online k-NN monitor follows each modality's own data (mixing: alternate); "
+                                  "with paired mixing set monitor: null and run a knn recipe on the checkpoint "
+                                  "(init.modality picks the modality)")
     if recipe.mixing == "alternate":
         _check_alternate(recipe)
     else:

@@ -53,6 +53,9 @@ def audio_stats(recipe: str | Path, overrides: Sequence[str] = (), limit: int | 
     from maeframe import prepare
 
     prepared = prepare(recipe, list(overrides))
+    if prepared.joint:
+        raise ValueError("modalities: audio-stats reads a single-modality recipe's data.train; run it on a recipe "
+                         "of that modality alone")
     ref = prepared.recipe.data.train
     cls = prepared.registry.get("dataset", ref.name).cls
     if not issubclass(cls, AudioDataset):

@@ -81,6 +81,9 @@ def image_stats(recipe: str | Path, overrides: Sequence[str] = (), limit: int | 
     if limit is not None and limit <= 0:
         raise MaeframeError(f"image-stats: --limit must be positive, got {limit}")
     prepared = prepare(recipe, list(overrides))
+    if prepared.joint:
+        raise RecipeError([("modalities", "image-stats reads a single-modality recipe's data.train; run it on a "
+                                          "recipe of that modality alone")], prepared.source)
     ref = prepared.recipe.data.train
     cls = prepared.registry.get("dataset", ref.name).cls
     if not issubclass(cls, ImageDataset):

@@ -2,6 +2,7 @@
 resume and 2 processes, a joint checkpoint serving k-NN on both modalities, a third modality added by a test
 plugin (alternate and paired, with a cross-modal loss), and the recipe errors."""
 import json
+import os
 import subprocess
 import sys
 
@@ -60,6 +61,8 @@ def test_omnimae_trains_both_modalities_and_draws_both(joint_run):
 
 def test_resume_continues_the_modality_draws_exactly(joint_run, tmp_path):
     run_task(prepare(OMNI, tiny(tmp_path, "runtime.max_steps=5")))  # stops inside the first epoch
+    with pytest.raises(MaeframeError, match=r"modalities\.video\.weight: 1\.0 → 3\.0"):  # a modality change
+        run_task(prepare(OMNI, tiny(tmp_path, "modalities.video.weight=3")), resume=True)
     run_task(prepare(OMNI, tiny(tmp_path)), resume=True)
     resumed, straight = metrics(tmp_path / "omni_mae_fmnist"), metrics(joint_run)
     assert [m["step"] for m in resumed] == list(range(1, 13))
@@ -69,9 +72,11 @@ def test_resume_continues_the_modality_draws_exactly(joint_run, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_two_processes_follow_the_single_process_trajectory(joint_run, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_follow_the_single_process_trajectory(joint_run, tmp_path, strategy):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    result = subprocess.run([*launcher, "-m", "maeframe", "run", str(OMNI), *tiny(tmp_path, "data.batch_size=4")],
+    overrides = tiny(tmp_path, "data.batch_size=4", f"runtime.strategy={strategy}")
+    result = subprocess.run([*launcher, "-m", "maeframe", "run", str(OMNI), *overrides],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     single, double = metrics(joint_run), metrics(tmp_path / "omni_mae_fmnist")
@@ -135,8 +140,12 @@ def toy(tmp_path, monkeypatch):
 
 
 def test_a_third_modality_from_a_test_plugin_mixes_with_images(toy, tmp_path):
-    run_task(prepare(toy, [f"runtime.output_dir={tmp_path}"]))
+    monitor = "monitor={bank: 16, queries: 8, k: 5}"  # a k-NN monitor per modality, on its own data
+    run_task(prepare(toy, [f"runtime.output_dir={tmp_path}", monitor]))
     lines = metrics(tmp_path / "toy")
+    knn = lines.pop()  # the monitor's line at the end of the epoch
+    assert knn["step"] == 8 and {"monitor/image/knn_top1", "monitor/signal/knn_top1"} <= set(knn)
+    assert knn["monitor/signal/queries"] == 8 and knn["monitor/image/queries"] == 2  # image: its data.eval
     assert len(lines) == 8  # (16 images + 48 signals) / 8 per step
     signal = [m for m in lines if "loss/signal/mse" in m]
     assert signal and all(m["loss"] == pytest.approx(m["loss/signal/mse"] + 0.5 * m["loss/signal/l1"])
@@ -145,11 +154,16 @@ def test_a_third_modality_from_a_test_plugin_mixes_with_images(toy, tmp_path):
     assert (tmp_path / "toy" / "reconstructions" / "image" / "epoch0001.png").is_file()
 
 
+PAIRED = ["mixing=paired", "modalities.image.data=null", "modalities.signal.data=null", "modalities.signal.weight=1",
+          "data.train={name: toy_stripes_and_waves, options: {count: 16}}",
+          "joint_losses=[{name: toy_pooled_agreement, weight: 0.1}]", "model.modality_blocks=1",
+          "model.pooled_latent=separate"]
+
+
 def test_paired_modalities_meet_in_the_joint_blocks_with_a_cross_modal_loss(toy, tmp_path):
-    paired = ["mixing=paired", "modalities.image.data=null", "modalities.signal.data=null",
-              "modalities.signal.weight=1", "data.train={name: toy_stripes_and_waves, options: {count: 16}}",
-              "joint_losses=[{name: toy_pooled_agreement, weight: 0.1}]", "model.modality_blocks=1",
-              "model.pooled_latent=separate", f"runtime.output_dir={tmp_path}"]
+    paired = [*PAIRED, f"runtime.output_dir={tmp_path}"]
+    with pytest.raises(MaeframeError, match="monitor: the online k-NN monitor follows each modality's own data"):
+        prepare(toy, [*paired, "monitor={}"])
     run_task(prepare(toy, paired))
     lines = metrics(tmp_path / "toy")
     assert len(lines) == 2
@@ -168,7 +182,6 @@ def test_paired_modalities_meet_in_the_joint_blocks_with_a_cross_modal_loss(toy,
     ("modalities.signal.data.train.name=toy_stripes_and_waves", "modalities.signal.data.train.name",
      "several modalities per sample"),
     ("modalities.signal.losses.0.name=toy_pooled_agreement", "modalities.signal.losses.0.name", "cross-modal loss"),
-    ("monitor={}", "monitor", "not available in joint recipes"),
 ])
 def test_recipe_errors_name_the_field(toy, capsys, override, field, words):
     assert main(["validate", str(toy), "--set", override]) == 2
@@ -181,3 +194,39 @@ def test_single_modality_recipes_refuse_joint_fields():
         prepare(RECIPES / "quickstart.yaml", ["joint_losses=[{name: mse}]"])
     with pytest.raises(MaeframeError, match="model.modality_blocks: only a joint recipe"):
         prepare(RECIPES / "quickstart.yaml", ["model.modality_blocks=1"])
+
+
+def test_paired_two_processes_follow_one(toy, tmp_path):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = {**os.environ, "PYTHONPATH": str(RECIPES.parent / "tests")}
+    result = subprocess.run([*launcher, "-m", "maeframe", "run", str(toy), *PAIRED, "data.batch_size=4",
+                             f"runtime.output_dir={tmp_path / 'two'}"], capture_output=True, text=True, timeout=300,
+                            env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_task(prepare(toy, [*PAIRED, f"runtime.output_dir={tmp_path / 'one'}"]))
+    one, two = metrics(tmp_path / "one" / "toy"), metrics(tmp_path / "two" / "toy")
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):
+        for key in ("loss", "loss/joint/toy_pooled_agreement", "loss/signal/l1"):
+            assert abs(a[key] - b[key]) < 1e-5, (key, a[key], b[key])
+
+
+def test_a_modality_view_of_the_joint_encoder_is_a_single_modality_encoder():
+    from maeframe import TokenSpec
+    from maeframe.model.joint import JointMaskedAutoencoder, ModalityEncoder
+    from maeframe.model.joint_weights import modality_encoder_state
+    from maeframe.model.vit import Encoder
+    from maeframe.recipe import ModelConfig
+
+    torch.manual_seed(0)
+    specs = {"a": TokenSpec((4, 4), (4, 4), 1), "b": TokenSpec((2, 4, 4), (2, 4, 4), 1)}
+    config = ModelConfig(embed_dim=24, depth=2, num_heads=2, decoder_embed_dim=12, decoder_depth=1, decoder_num_heads=2)
+    joint = JointMaskedAutoencoder(specs, {"a": 16, "b": 32}, config, typed=True).eval()
+    single = Encoder(specs["b"].grid, 32, 24, 2, 2).eval()
+    state = modality_encoder_state(joint.state_dict(), "b", modality_blocks=0)
+    single.load_state_dict({k[len("encoder."):]: v for k, v in state.items()})  # strict: every name, no extra
+    patches = torch.randn(3, 32, 32)
+    keep = torch.rand(3, 32).argsort(1)[:, :5]
+    view = ModalityEncoder(joint.encoder, "b")
+    assert torch.allclose(single(patches, keep), view(patches, keep), atol=1e-5)  # type embedding folded in the bias
+    assert torch.allclose(single(patches), view(patches), atol=1e-5)

@@ -92,6 +92,10 @@ def load_variants(paths: list[str], overrides: list[str] = ()) -> list[Variant]:
     if len(paths) < 2:
         raise MaeframeError("compare needs at least two recipes")
     variants = [Variant(str(path), prepare(path, list(overrides))) for path in paths]
+    joint = [v.path for v in variants if v.prepared.joint]
+    if joint:
+        raise MaeframeError(f"compare: {joint[0]} is a joint recipe (modalities); compare scores single-modality "
+                            f"pretraining recipes (evaluate a joint run's modalities with knn recipes instead)")
     check_comparable([(v.path, v.prepared) for v in variants])
     return variants
 

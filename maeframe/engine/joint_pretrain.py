@@ -6,13 +6,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from ..build import build_dataset
 from ..masker import Mask
+from ..model.joint import ModalityEncoder
 from ..model.mae import count_parameters
 from .data import SeededDataset, make_loader
 from .joint_step import JointMAEStep
+from .fsdp import root_gathered
 from .mixture import MixtureBatchSampler, MixtureDataset
+from .monitor import KnnMonitor, describe as describe_monitor
 from .pretrain import Pretrainer
 from .visualize import reconstruction_panels
 
@@ -23,7 +27,11 @@ class JointPretrainer(Pretrainer):
 
     def setup(self) -> None:
         self.components = None
-        self.monitor = None  # refused in joint recipes at validation
+        config = self.recipe.monitor  # alternate mixing only (validation): one monitor per modality's data
+        self.monitors = {} if config is None else {
+            name: KnnMonitor(self.prepared, config, self.device, self.runtime.autocast, self.world, modality=name)
+            for name in self.prepared.modalities}
+        self.monitor = next(iter(self.monitors.values()), None)  # the loop's "is there a monitor" test
         self._visual_data: dict[str, Any] = {}
 
     @property
@@ -49,6 +57,19 @@ class JointPretrainer(Pretrainer):
 
     def build_step(self) -> JointMAEStep:
         return JointMAEStep(self.prepared, self.runtime, self.world, self.lr, self.steps_per_epoch)
+
+    def _monitor(self, epochs_done: int, log) -> dict[str, float]:
+        """Every modality's k-NN monitor on its view of the encoder, logged as monitor/<modality>/knn_top1, ..."""
+        results: dict[str, float] = {}
+        with root_gathered(self.model, self.sharded):
+            for name, monitor in self.monitors.items():
+                found = monitor.evaluate(ModalityEncoder(self.model.encoder, name), self.prepared.modalities[name].tokenizer)
+                if self.world.is_main:
+                    tqdm.write(f"{name}: " + describe_monitor(epochs_done, found))
+                results.update({key.replace("monitor/", f"monitor/{name}/"): value for key, value in found.items()})
+        if self.world.is_main and log is not None:
+            log.write(self.step, {"epoch": epochs_done, **results})
+        return results
 
     # --- state -------------------------------------------------------------------------------------------
 

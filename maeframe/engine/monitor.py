@@ -62,26 +62,29 @@ class KnnMonitor:
     encodes its share of the bank and queries; all get every feature)."""
 
     def __init__(self, prepared: Prepared, config: MonitorConfig, device: torch.device, autocast=contextlib.nullcontext,
-                 world: World = World()):
+                 world: World = World(), modality: str | None = None):
+        """`modality`: a joint recipe's modality (alternate mixing), monitored on its own data."""
         self.config, self.device, self.autocast, self.world = config, device, autocast, world
         self.query_labels = None  # eval label -> training label, when the two sets number classes differently
         recipe = prepared.recipe
+        data, field = (recipe.modalities[modality].data, f"modalities.{modality}.data") if modality else (recipe.data, "data")
         self.batch_size = config.batch_size or recipe.data.batch_size
         with rng_isolated():
-            train_set = build_dataset(prepared, "train", augment=False)
-            _require_class_labels(train_set, "data.train")
+            train_set = build_dataset(prepared, "train", augment=False, modality=modality)
+            _require_class_labels(train_set, f"{field}.train")
             generator = torch.Generator().manual_seed(recipe.seed)
             order, total = torch.randperm(len(train_set), generator=generator), len(train_set)
             bank_count = min(config.bank or total, total)
-            if recipe.data.eval is None:  # queries are other training images: keep room for them
+            if data.eval is None:  # queries are other training images: keep room for them
                 bank_count = min(bank_count, total - min(config.queries or total, max(total // 5, 1)))
                 if bank_count < config.k:
-                    raise MaeframeError(f"monitor: data.train has {total} images, too few for a bank of k="
-                                        f"{config.k} images plus queries outside it; set data.eval or lower monitor.k")
+                    raise MaeframeError(f"monitor: {field}.train has {total} images, too few for a bank of k="
+                                        f"{config.k} images plus queries outside it; set {field}.eval or lower "
+                                        f"monitor.k")
             self.bank = _subset(train_set, order, bank_count)
-            if recipe.data.eval is not None:
-                eval_set = build_dataset(prepared, "eval")
-                _require_class_labels(eval_set, "data.eval")
+            if data.eval is not None:
+                eval_set = build_dataset(prepared, "eval", modality=modality)
+                _require_class_labels(eval_set, f"{field}.eval")
                 self.queries = _subset(eval_set, torch.randperm(len(eval_set), generator=generator), config.queries)
                 self.query_labels = eval_label_map(train_set, eval_set)
             else:

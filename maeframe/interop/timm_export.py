@@ -34,6 +34,9 @@ def _maeframe_source(state: dict[str, Any]) -> tuple[dict[str, Tensor], TokenSpe
     from ..registry import Registry
 
     recipe = state["recipe"]
+    if recipe.get("modalities"):
+        raise InteropError(f"a joint checkpoint (modalities {', '.join(recipe['modalities'])}) has no single timm "
+                           f"encoder; fine-tune or probe one modality with a downstream recipe (init.modality)")
     ref = recipe["tokenizer"]
     entry = Registry(make_plugin_manager(recipe.get("plugins", []))).get("tokenizer", ref["name"])
     tokenizer = entry.cls(entry.cls.Options.model_validate(ref.get("options", {})))

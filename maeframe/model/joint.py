@@ -29,8 +29,7 @@ class ModalityStem(nn.Module):
 
     def __init__(self, spec: TokenSpec, dim: int, blocks: nn.Sequential, own_patch_embed: bool, typed: bool):
         super().__init__()
-        if own_patch_embed:
-            self.patch_embed = nn.Linear(spec.patch_dim, dim)
+        self.patch_embed = nn.Linear(spec.patch_dim, dim) if own_patch_embed else None  # None: the shared one
         self.register_buffer("pos_embed", sincos_pos_embed(spec.grid, dim)[None], persistent=False)
         self.type_embed = nn.Parameter(torch.zeros(1, 1, dim)) if typed else None
         self.blocks = blocks
@@ -48,8 +47,7 @@ class JointEncoder(nn.Module):
         d, k = config.embed_dim, config.modality_blocks
         self.recompute, self.pooled = config.activation_checkpointing, config.pooled_latent
         self.embed_dim = d
-        if config.shared_patch_embed:
-            self.patch_embed = nn.Linear(next(iter(specs.values())).patch_dim, d)
+        self.patch_embed = nn.Linear(next(iter(specs.values())).patch_dim, d) if config.shared_patch_embed else None
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
 
         def blocks() -> list[nn.Module]:  # stochastic depth rises over all `depth` blocks, as in one encoder
@@ -68,7 +66,7 @@ class JointEncoder(nn.Module):
         parts = []
         for name, x in patches.items():
             stem = self.modalities[name]
-            x = stem.embed(stem.patch_embed if "patch_embed" in stem._modules else self.patch_embed, x,
+            x = stem.embed(stem.patch_embed if stem.patch_embed is not None else self.patch_embed, x,
                            masks[name].ids_keep)
             parts.append(run_blocks(stem.blocks, x, self.recompute) if len(stem.blocks) else x)
         cls = self.cls_token.expand(parts[0].shape[0], -1, -1)
@@ -83,6 +81,21 @@ class JointEncoder(nn.Module):
             for name, part in zip(patches, parts):
                 pooled[name] = self.norm(run_blocks(self.blocks, part, self.recompute)).mean(1)
         return latent, pooled
+
+
+class ModalityEncoder(nn.Module):
+    """One modality's view of a `JointEncoder` as a single-modality encoder: (patches [B, N, patch_dim], ids_keep
+    [B, V] or None = all tokens) -> latent [B, 1 + V, D] (the online k-NN monitor encodes with it)."""
+
+    def __init__(self, joint: JointEncoder, modality: str):
+        super().__init__()
+        self.joint, self.modality = joint, modality
+
+    def forward(self, patches: Tensor, ids_keep: Tensor | None = None) -> Tensor:
+        if ids_keep is None:
+            ids_keep = torch.arange(patches.shape[1], device=patches.device).expand(patches.shape[0], -1)
+        mask = Mask(ids_keep, ids_keep, torch.zeros(patches.shape[:2], device=patches.device))  # all visible
+        return self.joint({self.modality: patches}, {self.modality: mask})[0]
 
 
 class JointDecoder(nn.Module):
