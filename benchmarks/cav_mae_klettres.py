@@ -1,6 +1,7 @@
 """Joint CAV-MAE against single-modality MAEs on the spoken-letter pairs (docs/multimodal.md, CAV-MAE section).
 
-For each seed, four pretraining-free or pretraining runs of the same encoder size and the same steps:
+Once: each modality's k-NN on its flattened normalised inputs (`knn.features: pixels`). Then for each seed
+three pretraining runs of the same encoder size and the same steps:
   joint   recipes/cav_mae_klettres.yaml (audio + visual, contrastive term), then `task: retrieval` on it
           (audio<->visual recall@k, each modality's k-NN) and on the same model with random weights;
   audio   the joint recipe's audio flow alone (its tokenizer, masker, target, loss; depth = modality blocks +
@@ -50,15 +51,18 @@ def single(joint: dict, modality: str, seed: int, folder: Path) -> dict:
             "data": data, "optim": joint["optim"], "runtime": {**joint["runtime"], "output_dir": str(folder)}}
 
 
-def knn(pretrain: dict, folder: Path) -> dict:
-    """k-NN of a single-modality checkpoint: bank = its training split, queries = its eval split."""
+def knn(pretrain: dict, folder: Path, pixels: bool = False) -> dict:
+    """k-NN of a single-modality checkpoint (bank = its training split, queries = its eval split), or with
+    `pixels` of the flat normalised inputs (no encoder)."""
     encoder = {k: pretrain["model"][k] for k in ("embed_dim", "depth", "num_heads", "mlp_ratio")}
     data = {split: pretrain["data"][split] for split in ("train", "eval")}
     data.update(batch_size=64, num_workers=0)
-    recipe = {"task": "knn", "name": f"knn_{pretrain['name']}", "seed": pretrain["seed"],
-              "init": {"format": "maeframe", "checkpoint": str(folder / pretrain["name"] / "last.pt")},
-              "tokenizer": pretrain["tokenizer"], "model": encoder, "data": data,
-              "knn": {"k": 20, "temperature": 0.07, "pool": "avg"},
+    init = {"format": "none"} if pixels else {"format": "maeframe",
+                                              "checkpoint": str(folder / pretrain["name"] / "last.pt")}
+    recipe = {"task": "knn", "name": f"knn_{pretrain['name']}{'_pixels' if pixels else ''}",
+              "seed": pretrain["seed"], "init": init, "tokenizer": pretrain["tokenizer"], "model": encoder,
+              "data": data, "knn": {"k": 20, "temperature": 0.07, "pool": "avg",
+                                    "features": "pixels" if pixels else "encoder"},
               "runtime": {"threads": 1, "output_dir": str(folder), "progress_bar": False, "tensorboard": False}}
     return run(recipe, folder)["final"]
 
@@ -96,7 +100,11 @@ def main() -> None:
         joint["optim"]["warmup_epochs"] = min(joint["optim"]["warmup_epochs"], args.epochs)
         joint["runtime"]["checkpoint_interval"] = args.epochs
         joint["runtime"]["visualize_interval"] = args.epochs
-    rows: dict[str, list[dict]] = {"joint": [], "joint_random": [], "audio_only": [], "visual_only": []}
+    rows: dict[str, list[dict]] = {"joint": [], "joint_random": [], "audio_only": [], "visual_only": [],
+                                   "pixels": [{}]}
+    for modality in ("audio", "visual"):  # the inputs themselves, flattened: no encoder, no seed
+        rows["pixels"][0][f"knn/{modality}/top1"] = knn(single(joint, modality, 0, args.out), args.out,
+                                                        pixels=True)["top1"] / 100
     for seed in args.seeds:
         recipe = {**copy.deepcopy(joint), "name": f"cav_mae_s{seed}", "seed": seed}
         recipe["runtime"] = {**recipe["runtime"], "output_dir": str(args.out)}
