@@ -77,6 +77,13 @@ def retrieval(joint_name: str, seed: int, folder: Path, data: dict, random_weigh
     return run(recipe, folder)
 
 
+def train_mse(run_dir: Path, key: str) -> float:
+    """Mean of a loss term over the last 5 logged lines (the last 50 steps at log_interval 10)."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    values = [line[key] for line in lines if key in line][-5:]
+    return sum(values) / len(values)
+
+
 def summary(rows: list[dict]) -> dict[str, str]:
     keys = sorted({k for row in rows for k in row})
     out = {}
@@ -85,6 +92,23 @@ def summary(rows: list[dict]) -> dict[str, str]:
         spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
         out[key] = f"{statistics.mean(values):.3f}{spread}"
     return out
+
+
+COLUMNS = ["mse/audio", "mse/visual", "knn/audio/top1", "knn/visual/top1", *(f"retrieval/{q}_to_{k}/R@{n}" for q, k in
+                                                    (("audio", "visual"), ("visual", "audio")) for n in (1, 5, 10))]
+LABELS = {"joint": "CAV-MAE (joint)", "joint_random": "same model, random weights", "audio_only": "audio-only MAE",
+          "visual_only": "visual-only MAE", "pixels": "flat inputs (pixels / log-mel)"}
+
+
+def markdown(summaries: dict[str, dict[str, str]], chance: dict[str, float]) -> str:
+    """The results as a Markdown table: one row per model, '' where a model has no such metric."""
+    head = ["model", "audio MSE", "visual MSE", "audio k-NN", "visual k-NN",
+            *(f"{c.split('/')[1].replace('_to_', '→')} {c.split('/')[2]}" for c in COLUMNS[4:])]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, label in LABELS.items():
+        lines.append("| " + " | ".join([label, *(summaries.get(key, {}).get(c, "") for c in COLUMNS)]) + " |")
+    lines.append("| chance | | | | | " + " | ".join(f"{chance[f'R@{n}']:.3f}" for _ in range(2) for n in (1, 5, 10)) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -111,19 +135,21 @@ def main() -> None:
         run(recipe, args.out)
         trained = retrieval(recipe["name"], seed, args.out, recipe["data"], random_weights=False)
         untrained = retrieval(recipe["name"], seed, args.out, recipe["data"], random_weights=True)
-        rows["joint"].append(trained["final"])
+        rows["joint"].append({**trained["final"], **{f"mse/{m}": train_mse(args.out / recipe["name"], f"loss/{m}/mse")
+                                                     for m in ("audio", "visual")}})
         rows["joint_random"].append(untrained["final"])
         for modality in ("audio", "visual"):
             pretrain = single(joint, modality, seed, args.out)
             run(pretrain, args.out)
-            rows[f"{modality}_only"].append({f"knn/{modality}/top1": knn(pretrain, args.out)["top1"] / 100})
+            rows[f"{modality}_only"].append({f"knn/{modality}/top1": knn(pretrain, args.out)["top1"] / 100,
+                                             f"mse/{modality}": train_mse(args.out / pretrain["name"], "loss/mse")})
         chance = trained["chance"]
         (args.out / "results.json").write_text(json.dumps(
             {"seeds": args.seeds[: len(rows["joint"])], "epochs": joint["optim"]["epochs"], "chance": chance,
              "pairs": trained["pairs"], "runs": rows, "summary": {k: summary(v) for k, v in rows.items()}},
             indent=2) + "\n")
-    print(json.dumps({k: summary(v) for k, v in rows.items()}, indent=2))
-    print("chance:", chance, "pairs:", trained["pairs"])
+    print(markdown({k: summary(v) for k, v in rows.items()}, chance))
+    print(f"{trained['pairs']} held-out pairs, seeds {args.seeds}")
 
 
 if __name__ == "__main__":
