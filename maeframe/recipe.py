@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError,
+from pydantic import (BaseModel, Discriminator, Field, Tag, TypeAdapter, ValidationError,
                       ValidationInfo, field_validator, model_validator)
 
 from .errors import PluginError, RecipeError

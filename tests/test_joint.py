@@ -3,8 +3,10 @@ resume and 2 processes, a joint checkpoint serving k-NN on both modalities, a th
 plugin (alternate and paired, with a cross-modal loss), and the recipe errors."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -69,6 +71,32 @@ def test_resume_continues_the_modality_draws_exactly(joint_run, tmp_path):
     assert resumed == [{**m, "time": r["time"], "img_s": r["img_s"], "data_wait": r["data_wait"]}
                        for m, r in zip(straight, resumed)]
     a, b = load_checkpoint(joint_run / "last.pt")["model"], load_checkpoint(tmp_path / "omni_mae_fmnist" / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_kill_9_then_resume_continues_the_mixture_exactly(tmp_path):
+    longer = ["modalities.image.data.train.options.limit=96", "modalities.video.data.train.options.limit=48",
+              "runtime.checkpoint_every_steps=2"]  # 18 steps per epoch, 36 in all
+    run_task(prepare(OMNI, tiny(tmp_path / "straight", *longer)))
+    run_dir = tmp_path / "killed" / "omni_mae_fmnist"
+    command = [sys.executable, "-m", "maeframe", "run", str(OMNI), *tiny(tmp_path / "killed", *longer)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        log = run_dir / "metrics.jsonl"
+        if log.exists() and len(log.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    saved = load_checkpoint(run_dir / "last.pt")["step"]
+    assert 2 <= saved < 36 and saved % 2 == 0
+    run_task(prepare(OMNI, tiny(tmp_path / "killed", *longer)), resume=True)
+    straight = metrics(tmp_path / "straight" / "omni_mae_fmnist")
+    resumed = metrics(run_dir)
+    assert [m["step"] for m in resumed] == list(range(1, 37))
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in straight]
+    a, b = (load_checkpoint(d / "last.pt")["model"] for d in (tmp_path / "straight" / "omni_mae_fmnist", run_dir))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
