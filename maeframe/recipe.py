@@ -341,8 +341,10 @@ UNUSED_RUNTIME_FIELDS = {
     "knn": ("compile", "compile_mode", "log_interval", "checkpoint_interval", "checkpoint_every_steps",
             "keep_checkpoints", "nonfinite", "max_steps", *_PICTURES),
 }
+UNUSED_RUNTIME_FIELDS["retrieval"] = UNUSED_RUNTIME_FIELDS["knn"]
 UNUSED_REASON = {"finetune": "draws no reconstructions", "linprobe": "draws no reconstructions",
-                 "knn": "trains nothing (no steps, checkpoints or pictures)"}
+                 "knn": "trains nothing (no steps, checkpoints or pictures)",
+                 "retrieval": "trains nothing (no steps, checkpoints or pictures)"}
 
 
 class FinetuneRecipe(_DownstreamRecipe):

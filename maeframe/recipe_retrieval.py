@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .recipe import UNUSED_RUNTIME_FIELDS, DownstreamDataConfig, RuntimeConfig
+from .recipe import UNUSED_REASON, UNUSED_RUNTIME_FIELDS, DownstreamDataConfig, RuntimeConfig
 from .recipe_base import Seed, Strict
 
 
@@ -49,9 +49,9 @@ class RetrievalRecipe(Strict):
         if self.runtime.strategy != "ddp":
             raise ValueError("runtime.strategy: a retrieval run keeps its frozen encoder whole on every process "
                              "(ddp)")
-        unused = [name for name in UNUSED_RUNTIME_FIELDS["knn"]
+        unused = [name for name in UNUSED_RUNTIME_FIELDS["retrieval"]
                   if getattr(self.runtime, name) != RuntimeConfig.model_fields[name].default]
         if unused:
-            raise ValueError(f"runtime.{unused[0]}: a retrieval run trains nothing (no steps, checkpoints or "
-                             f"pictures); leave {', '.join('runtime.' + n for n in unused)} at the default")
+            raise ValueError(f"runtime.{unused[0]}: a retrieval run {UNUSED_REASON['retrieval']}; leave "
+                             f"{', '.join('runtime.' + n for n in unused)} at the default")
         return self
