@@ -341,10 +341,9 @@ UNUSED_RUNTIME_FIELDS = {
     "knn": ("compile", "compile_mode", "log_interval", "checkpoint_interval", "checkpoint_every_steps",
             "keep_checkpoints", "nonfinite", "max_steps", *_PICTURES),
 }
-UNUSED_RUNTIME_FIELDS["retrieval"] = UNUSED_RUNTIME_FIELDS["knn"]
 UNUSED_REASON = {"finetune": "draws no reconstructions", "linprobe": "draws no reconstructions",
-                 "knn": "trains nothing (no steps, checkpoints or pictures)",
-                 "retrieval": "trains nothing (no steps, checkpoints or pictures)"}
+                 "knn": "trains nothing (no steps, checkpoints or pictures)"}
+UNUSED_RUNTIME_FIELDS["retrieval"], UNUSED_REASON["retrieval"] = UNUSED_RUNTIME_FIELDS["knn"], UNUSED_REASON["knn"]
 
 
 class FinetuneRecipe(_DownstreamRecipe):
@@ -396,7 +395,6 @@ class KnnRecipe(_DownstreamRecipe):
 
 
 from .recipe_retrieval import RetrievalRecipe  # noqa: E402 (it builds on the configs above)
-
 DOWNSTREAM_TYPES = (FinetuneRecipe, LinprobeRecipe, KnnRecipe, RetrievalRecipe)
 RECIPE_TYPES = (Recipe, *DOWNSTREAM_TYPES)
 TASKS = ("pretrain", "finetune", "linprobe", "knn", "retrieval")
