@@ -96,14 +96,18 @@ def check_rows(prepared, train_set) -> None:
           f"batch shapes {{a: {tuple(inputs['audio'].shape)}, v: {tuple(inputs['visual'].shape)}}}")
 
 
-def train(overrides, subset: dict, steps: int, lr: float, masked: bool, temperature: float, label: str) -> None:
+def train(overrides, subset: dict, steps: int, lr: float, masked: bool, temperature: float, label: str,
+          redraw=None) -> None:
+    """`redraw`: None keeps the subset's frames; else a function -> new visual rows [B, C, H, W] of the same
+    samples (a new font, size, motion and frame each step, as training draws them every epoch)."""
     torch.manual_seed(0)
     prepared, model = build(overrides)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
     before = measure(model, prepared, subset, temperature)
     start = time.time()
     for _ in range(steps):
-        loss = contrastive(model, prepared, subset, masked, temperature)
+        batch = subset if redraw is None else {**subset, "visual": redraw()}
+        loss = contrastive(model, prepared, batch, masked, temperature)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -120,9 +124,10 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=64, help="training pairs of (c)")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW lr of (c)")
     parser.add_argument("--temperature", type=float, default=0.05, help="InfoNCE temperature")
+    parser.add_argument("--redraw", action="store_true", help="(c): draw every pair's visual anew each step")
     parser.add_argument("--only", choices=["a", "b", "c"], nargs="*", default=["a", "b", "c"])
     parser.add_argument("--variants", nargs="*", default=["0:masked", "recipe:masked", "recipe:visible"],
-                        help="<modality_blocks or recipe>:<masked or visible>")
+                        help="<modality_blocks or recipe>:<masked or visible>[:<recipe override>...]")
     args = parser.parse_args()
     torch.set_num_threads(1)
     prepared, model = build([])
@@ -139,10 +144,13 @@ def main() -> None:
         check_rows(prepared, train_set)
     if "c" in args.only:
         for variant in args.variants:
-            blocks, masking = variant.split(":")
+            blocks, masking, *extra = variant.split(":")
             overrides = [] if blocks == "recipe" else [f"model.modality_blocks={blocks}",
                                                        f"model.depth={int(blocks) + 1}"]
-            train(overrides, subset, args.steps, args.lr, masking == "masked", args.temperature, variant)
+            overrides += extra
+            redraw = (lambda: torch.stack([train_set.visual(i) for i in picks])) if args.redraw else None
+            train(overrides, subset, args.steps, args.lr, masking == "masked", args.temperature,
+                  variant + (" redrawn" if args.redraw else ""), redraw)
 
 
 if __name__ == "__main__":
