@@ -8,9 +8,10 @@ machine's fonts, moving over a black canvas. Label = the letter (its name in <la
 * audio: the klettres fbank pipeline of `audio_data.py` ([1, T, F] log-mel, same options and augmentations);
 * visual: font, size, start, direction and speed drawn from one per-sample seed (`letter_glyphs.py`): in
   training a seed drawn from torch's global generator, which the engine seeds per sample (new motion every
-  epoch, reproducible run); in evaluation the seed is (seed, split, index), so test clip i never changes. A 4-D
-  visual shape (C, T, H, W) gets the whole clip, a 3-D one (C, H, W) one frame of it (CAV-MAE pretrains on
-  one frame per video: a random one in training, the middle one in evaluation);
+  epoch, reproducible run; `redraw: false` fixes them as in evaluation); in evaluation the seed is (seed, split,
+  index), so test clip i never changes. A 4-D visual shape (C, T, H, W) gets the whole clip, a 3-D one (C, H, W)
+  one frame of it (CAV-MAE pretrains on one frame per video: a random one in training, the middle one in
+  evaluation);
 * split: within each language every `test_every`-th recording (sorted by file name) is held out (`test`), so
   no recording is in both splits, and the test letters are heard in voices (languages) absent from training.
 """
@@ -55,6 +56,8 @@ class SpokenLettersOptions(AudioOptions):
                                                                      "height, drawn uniformly per clip")
     max_speed: float = Field(2.0, ge=0, description="fastest motion, pixels per frame (speed drawn in 0..max)")
     seed: int = Field(0, description="evaluation clips: clip i is fixed by (seed, split, i); training draws anew")
+    redraw: bool = Field(True, description="training: draw each clip anew every epoch (font, size, motion, "
+                                           "frame); false: clip i is fixed by (seed, split, i) as in evaluation")
     visual_mean: tuple[float, ...] = Field((0.0,), description="visual normalisation mean, one per channel or one "
                                                                "for all (pixels are in [0, 1])")
     visual_std: tuple[float, ...] = Field((1.0,), description="visual normalisation std, one per channel or one")
@@ -165,7 +168,7 @@ class SpokenLettersDataset(Dataset):
 
     def clip_seed(self, index: int) -> np.random.Generator:
         """The generator of sample `index`'s visual draws (see the module docstring)."""
-        if self.train:
+        if self.train and self.options.redraw:
             return np.random.default_rng(int(torch.randint(0, 2**62, ())))
         split = ("all", "train", "test").index(self.options.split)  # the bank and the queries draw apart
         return np.random.default_rng([self.options.seed % 2**63, split, index])

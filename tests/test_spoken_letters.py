@@ -44,6 +44,12 @@ def test_evaluation_clips_are_fixed_and_training_clips_follow_the_seed(test_set)
     other = train[2][0]["visual"]
     assert first.shape == (3, 4, 32, 32) and torch.equal(first, again) and not torch.equal(first, other)
     assert not torch.equal(first[:, 0], first[:, 3])  # the letter moves (this seed draws a non-zero speed)
+    fixed = letters("train", train=True, redraw=False)
+    torch.manual_seed(5)
+    kept = fixed[2][0]["visual"]
+    torch.manual_seed(6)
+    assert torch.equal(kept, fixed[2][0]["visual"])  # redraw: false ignores the per-sample seed
+    assert not torch.equal(kept, fixed[3][0]["visual"])
 
 
 def test_glyphs_differ_between_letters():
