@@ -105,12 +105,14 @@ def train(overrides, subset: dict, steps: int, lr: float, masked: bool, temperat
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
     before = measure(model, prepared, subset, temperature)
     start = time.time()
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         batch = subset if redraw is None else {**subset, "visual": redraw()}
         loss = contrastive(model, prepared, batch, masked, temperature)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if step % 60 == 0:
+            print(f"      step {step}: training InfoNCE {loss.item():.3f}")
     after = measure(model, prepared, subset, temperature)
     n = len(subset["audio"])
     print(f"  (c) {label}: InfoNCE {before[0]:.3f} -> {after[0]:.3f} (log B {math.log(n):.3f}), R@1 {before[1]:.3f} "
@@ -124,6 +126,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=64, help="training pairs of (c)")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW lr of (c)")
     parser.add_argument("--temperature", type=float, default=0.05, help="InfoNCE temperature")
+    parser.add_argument("--first", action="store_true", help="the first --pairs recordings (as data.train.options."
+                                                             "limit takes them) instead of a random subset")
     parser.add_argument("--redraw", action="store_true", help="(c): draw every pair's visual anew each step")
     parser.add_argument("--only", choices=["a", "b", "c"], nargs="*", default=["a", "b", "c"])
     parser.add_argument("--variants", nargs="*", default=["0:masked", "recipe:masked", "recipe:visible"],
@@ -133,7 +137,7 @@ def main() -> None:
     prepared, model = build([])
     train_set = dataset(prepared, train=True)
     torch.manual_seed(0)
-    picks = torch.randperm(len(train_set))[: args.pairs].tolist()
+    picks = (torch.arange(len(train_set)) if args.first else torch.randperm(len(train_set)))[: args.pairs].tolist()
     samples = [train_set[i][0] for i in picks]
     subset = {name: torch.stack([s[name] for s in samples]) for name in prepared.modalities}
     letters = [train_set.letters[i] for i in picks]
