@@ -2,12 +2,16 @@
 (recipes/cav_mae_klettres.yaml) with the real tokenizers, maskers and data:
 
   (a) gradients of the contrastive term alone reach each modality's patch embedding and own blocks;
-  (b) the audio and visual rows of a loader batch are the same samples (the visual letter of row i is the letter
-      of recording i), after the collate, tokenizers and masks;
-  (c) contrastive-only training (weight decay 0, absolute lr `--lr`) on a fixed subset of `--pairs` training pairs
-      for `--steps` full-batch steps, each step with fresh masks (or none): training InfoNCE and training-pair
-      audio->visual R@1 (every token visible) before and after, for `--modality-blocks` 0 (pooled latents of the
-      patch embeddings + the shared block) and the recipe's value.
+  (b) row alignment: for every training recording i, the label of its audio side is the letter drawn for its
+      visual side (the loader's default collate stacks both sides of sample i into row i; masks and
+      tokenizers act per row);
+  (c) contrastive-only training (AdamW, weight decay 0, absolute lr `--lr`) on a fixed subset of `--pairs`
+      training pairs (random, or the first ones with `--first`) for `--steps` full-batch steps, fresh masks
+      each step (or none): InfoNCE and audio->visual R@1 over the pairs with every token visible, before and
+      after, for each of `--variants` (<modality_blocks or recipe>:<masked or visible>[:<recipe override>...];
+      0 modality blocks = pooled latents of the patch embeddings through the shared block only). With
+      `--redraw` every pair's frame is drawn anew each step (new font, size, motion, frame), as training draws
+      it every epoch; without, the frames stay fixed.
 
     python benchmarks/cav_mae_diagnose.py --steps 200 --pairs 64
 """
