@@ -8,6 +8,8 @@ PY := $(VENV)/bin/python
 TORCH := torch==2.14.1 torchvision==0.29.1 torchaudio==2.11.0 torchcodec==0.17.0
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 KLETTRES := /usr/share/klettres/en/alpha
+# Fonts drawing the letters of the spoken-letter clips (klettres_letters): DejaVu, Liberation, FreeFont.
+FONTS := /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 # FFmpeg's libraries (torchcodec, the second video decoder) and its CLI (writes the video benchmark's clips).
 FFMPEG := /usr/bin/ffmpeg
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -23,12 +25,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-# Real offline data from Debian: Fashion-MNIST images and spoken-letter recordings (klettres); FFmpeg.
-data: $(FASHION_MNIST) $(KLETTRES) $(FFMPEG)
+# Real offline data from Debian: Fashion-MNIST images and spoken-letter recordings (klettres); fonts; FFmpeg.
+data: $(FASHION_MNIST) $(KLETTRES) $(FONTS) $(FFMPEG)
 
 $(FASHION_MNIST) $(KLETTRES):
 	$(SUDO) apt-get update -qq
 	$(SUDO) apt-get install -y -qq dataset-fashion-mnist klettres-data
+
+$(FONTS):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq fonts-dejavu-core fonts-liberation fonts-freefont-ttf
 
 $(FFMPEG):
 	$(SUDO) apt-get update -qq

@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time `__getattr_
     from .weights import EncoderLayout, WeightFormat
     from .model.pos_embed import flat_sincos_pos_embed
     from .model.mae import recipe_layout
+    from .engine.distributed import all_rank_rows
     from .tokenizer import Tokenizer, Tokens, TokenSpec, as_pair
     from .engine.reconstruct import reconstruct
     from .engine.embed import embed
@@ -36,11 +37,10 @@ _LAZY = {  # public name -> submodule defining it (each imports torch)
     "Component": "component", "Options": "component", "Dataset": "dataset", "Loss": "loss",
     "Prediction": "loss", "masked_mean": "loss", "CrossModalLoss": "loss", "Mask": "masker", "Masker": "masker",
     "visible_count": "masker", "Target": "target", "TargetOut": "target", "PatchValues": "target",
-    "Tokenizer": "tokenizer",
-    "Tokens": "tokenizer", "TokenSpec": "tokenizer", "as_pair": "tokenizer", "python_numpy_seeded": "seeding",
+    "Tokenizer": "tokenizer", "Tokens": "tokenizer", "TokenSpec": "tokenizer", "as_pair": "tokenizer", "python_numpy_seeded": "seeding",
     "prepare": "build", "build_component": "registry", "component_class": "registry",
-    "WeightFormat": "weights", "EncoderLayout": "weights", "flat_sincos_pos_embed": "model.pos_embed",
-    "recipe_layout": "model.mae", "RunLogger": "run_logger", "RunStart": "run_logger",
+    "WeightFormat": "weights", "EncoderLayout": "weights", "all_rank_rows": "engine.distributed",
+    "flat_sincos_pos_embed": "model.pos_embed", "recipe_layout": "model.mae", "RunLogger": "run_logger", "RunStart": "run_logger",
     # tools for notebooks: the engine behind `maeframe reconstruct` and `maeframe embed`
     "reconstruct": "engine.reconstruct", "embed": "engine.embed", "load_embeddings": "engine.embed_store",
 }

@@ -147,6 +147,8 @@ def _prepare(recipe: AnyRecipe, pm: pluggy.PluginManager, registry: Registry, la
         _run_validate_hook(pm, recipe, layout or recipe_layout(recipe.model))
         return Prepared(recipe, pm, registry, next(iter(modalities.values())), modalities=modalities,
                         joint_losses=joint_losses)
+    if recipe.task == "retrieval":  # tokenizers and model come from init.checkpoint's recipe, read by the task
+        return Prepared(recipe, pm, registry, None)
     check_repeats(recipe, options, get)
     tokenizer = _construct("tokenizer", get("tokenizer", recipe.tokenizer), options["tokenizer"])
     if recipe.task != "pretrain":
@@ -293,6 +295,9 @@ def check_data(prepared: Prepared) -> list[tuple[str, str]]:
     entry point calls `require_data(prepared)` to stop with them before it writes anything."""
     recipe = prepared.recipe
     problems = _check_device(recipe.runtime) + _check_output_dir(recipe.runtime.output_dir, recipe.name)
+    if recipe.task == "retrieval":  # its datasets take the input shapes of init.checkpoint's recipe: built by the task
+        return problems if Path(recipe.init.checkpoint).expanduser().exists() else problems + [
+            ("init.checkpoint", f"{recipe.init.checkpoint} does not exist")]
     alternate = [name for name in prepared.modalities if recipe.modalities[name].data is not None]
     for modality in alternate or [None]:
         data, field = (recipe.modalities[modality].data, f"modalities.{modality}.data") if modality else (recipe.data, "data")

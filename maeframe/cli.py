@@ -36,9 +36,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
             failed += 1
             continue
         checked = "; data, device and output directory checked" if args.data else ""
-        flows = prepared.modalities or {"": prepared.components}
+        flows = prepared.modalities or ({"": prepared.components} if prepared.components else {})
         grids = ", ".join(f"{f'{name} ' if name else ''}grid {c.tokenizer.spec.grid}, {c.tokenizer.spec.num_tokens} "
                           f"tokens of {c.tokenizer.spec.patch_dim}" for name, c in flows.items())
+        grids = grids or "tokenizers from init.checkpoint"  # a retrieval recipe
         print(f"{path}: ok ({prepared.recipe.name}: {grids}{checked})")
     return 2 if failed else 0
 
@@ -92,11 +93,13 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 def cmd_recipe_fields(args: argparse.Namespace) -> int:
     """Every field of every recipe kind: type and constraints, default, description."""
     from .fields import line, walk
-    from .recipe import UNUSED_REASON, UNUSED_RUNTIME_FIELDS, FinetuneRecipe, KnnRecipe, LinprobeRecipe, Recipe
+    from .recipe import (UNUSED_REASON, UNUSED_RUNTIME_FIELDS, FinetuneRecipe, KnnRecipe, LinprobeRecipe, Recipe,
+                         RetrievalRecipe)
 
     components = {"tokenizer": "tokenizer", "masker": "masker", "target": "target", "losses.<i>": "loss",
                   "data.train": "dataset", "data.eval": "dataset", "runtime.loggers.<i>": "logger"}
-    tasks = {"pretrain": Recipe, "finetune": FinetuneRecipe, "linprobe": LinprobeRecipe, "knn": KnnRecipe}
+    tasks = {"pretrain": Recipe, "finetune": FinetuneRecipe, "linprobe": LinprobeRecipe, "knn": KnnRecipe,
+             "retrieval": RetrievalRecipe}
     for task, model in tasks.items():
         if args.task and task != args.task:
             continue
@@ -279,10 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     fields = sub.add_parser("recipe-fields", help="list every recipe field with type, default and description",
                             description="Print every field a recipe of each task (pretrain, finetune, linprobe, "
-                                        "knn) can set, as a dotted path with its description, type, constraints "
+                                        "knn, retrieval) can set, as a dotted path with its description, type, constraints "
                                         "and default. Component options are listed by `maeframe plugins`.")
     fields.add_argument("match", nargs="?", help="only fields whose path contains this text, e.g. max_steps")
-    fields.add_argument("--task", choices=["pretrain", "finetune", "linprobe", "knn"], help="only this task")
+    fields.add_argument("--task", choices=["pretrain", "finetune", "linprobe", "knn", "retrieval"],
+                        help="only this task")
     fields.set_defaults(func=cmd_recipe_fields)
 
     new_plugin = sub.add_parser("new-plugin", help="start a plugin distribution from the template",

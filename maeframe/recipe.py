@@ -17,7 +17,7 @@ from pydantic import (BaseModel, Discriminator, Field, Tag, TypeAdapter, Validat
 
 from .errors import PluginError, RecipeError
 from .recipe_base import SEED_RANGE, ComponentRef, LossRef, Seed, Strict  # noqa: F401 (re-exported)
-from .recipe_file import read_recipe_tree
+from .recipe_file import flatten_tree, read_recipe_tree  # noqa: F401 (flatten_tree re-exported)
 from .layout_fields import LayoutFields
 from .recipe_joint import JOINT_FIELDS, MODALITY_NAME, ModalityConfig, check_joint, joint_refs
 from .run_logger import spell_out_loggers
@@ -358,6 +358,7 @@ UNUSED_RUNTIME_FIELDS = {
 }
 UNUSED_REASON = {"finetune": "draws no reconstructions", "linprobe": "draws no reconstructions",
                  "knn": "trains nothing (no steps, checkpoints or pictures)"}
+UNUSED_RUNTIME_FIELDS["retrieval"], UNUSED_REASON["retrieval"] = UNUSED_RUNTIME_FIELDS["knn"], UNUSED_REASON["knn"]
 
 
 class FinetuneRecipe(_DownstreamRecipe):
@@ -408,9 +409,10 @@ class KnnRecipe(_DownstreamRecipe):
         return self
 
 
-DOWNSTREAM_TYPES = (FinetuneRecipe, LinprobeRecipe, KnnRecipe)
+from .recipe_retrieval import RetrievalRecipe  # noqa: E402 (it builds on the configs above)
+DOWNSTREAM_TYPES = (FinetuneRecipe, LinprobeRecipe, KnnRecipe, RetrievalRecipe)
 RECIPE_TYPES = (Recipe, *DOWNSTREAM_TYPES)
-TASKS = ("pretrain", "finetune", "linprobe", "knn")
+TASKS = ("pretrain", "finetune", "linprobe", "knn", "retrieval")
 
 
 def _task_of(value: Any) -> str | None:
@@ -420,7 +422,8 @@ def _task_of(value: Any) -> str | None:
 
 AnyRecipe = Annotated[
     Union[Annotated[Recipe, Tag("pretrain")], Annotated[FinetuneRecipe, Tag("finetune")],
-          Annotated[LinprobeRecipe, Tag("linprobe")], Annotated[KnnRecipe, Tag("knn")]],
+          Annotated[LinprobeRecipe, Tag("linprobe")], Annotated[KnnRecipe, Tag("knn")],
+          Annotated[RetrievalRecipe, Tag("retrieval")]],
     Discriminator(_task_of, custom_error_type="unknown_task",
                   custom_error_message=f"task must be one of {', '.join(TASKS)}"),
 ]
@@ -461,7 +464,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> AnyRecipe:
 def component_refs(recipe: AnyRecipe) -> list[tuple[str, str, ComponentRef]]:
     """(field path, kind, ref) for every component the recipe names (downstream recipes have no masker,
     target or losses)."""
-    refs = [("tokenizer", "tokenizer", recipe.tokenizer)] if recipe.tokenizer is not None else []
+    refs = [("tokenizer", "tokenizer", recipe.tokenizer)] if getattr(recipe, "tokenizer", None) is not None else []
     refs += [(kind, kind, getattr(recipe, kind)) for kind in ("masker", "target") if getattr(recipe, kind, None)]
     refs += [("data.train", "dataset", recipe.data.train)] if recipe.data.train is not None else []
     refs += [("data.eval", "dataset", recipe.data.eval)] if recipe.data.eval is not None else []
@@ -491,21 +494,6 @@ def resolve_options(recipe: AnyRecipe, registry) -> dict[str, BaseModel]:
     if problems:
         raise RecipeError(problems)
     return resolved
-
-
-def flatten_tree(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """{dotted field path: leaf value} of a nested recipe dict (lists of mappings by index, e.g. losses.0.name)."""
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(flatten_tree(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out if out or not prefix else {prefix: {}}
-    if isinstance(tree, list) and any(isinstance(item, (dict, list)) for item in tree):
-        out = {}
-        for i, item in enumerate(tree):
-            out.update(flatten_tree(item, f"{prefix}.{i}"))
-        return out or {prefix: []}
-    return {prefix: tree}
 
 
 def dump_recipe(recipe: AnyRecipe) -> str:

@@ -136,3 +136,18 @@ def read_recipe_tree(path: str | Path, overrides: list[str] = ()) -> dict[str, A
     for assignment in overrides:
         apply_override(tree, assignment)
     return tree
+
+
+def flatten_tree(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{dotted field path: leaf value} of a nested recipe dict (lists of mappings by index, e.g. losses.0.name)."""
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(flatten_tree(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out if out or not prefix else {prefix: {}}
+    if isinstance(tree, list) and any(isinstance(item, (dict, list)) for item in tree):
+        out = {}
+        for i, item in enumerate(tree):
+            out.update(flatten_tree(item, f"{prefix}.{i}"))
+        return out or {prefix: []}
+    return {prefix: tree}

@@ -104,6 +104,35 @@ def gather_rows(rows: torch.Tensor, world: World) -> torch.Tensor:
     return torch.cat([part[:n].cpu() for part, n in zip(parts, counts)])
 
 
+class _AllRankRows(torch.autograd.Function):
+    """all_gather forward; backward sums each row's gradient over the ranks (every rank's loss used it)
+    and hands this rank its own rows' share. all_reduce, which gloo and NCCL both have."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.count = dist.get_rank(), len(rows)
+        parts = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, rows.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.count:(ctx.rank + 1) * ctx.count]
+
+
+def all_rank_rows(rows: torch.Tensor) -> torch.Tensor:
+    """This process's rows [B, ...] -> the rows of every process [N·B, ...] in rank order (this rank's at
+    rank·B), differentiable: a loss over the whole global batch (in-batch negatives of a contrastive loss)
+    computed alike on every rank gets, on each rank, N times its rows' gradient, which the data-parallel
+    gradient average divides by N: N processes train as one process with the N× batch. Every rank must pass
+    the same B (a training micro-batch). Without a process group (or in a group of one) returns `rows`."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return rows
+    return _AllRankRows.apply(rows)
+
+
 def mirrored_rows(rows: torch.Tensor, world: World) -> torch.Tensor:
     """The rows paired with this rank's rows [B, ...] when the global batch (ranks in order) is reversed:
     global row g pairs with row G-1-g, which lives on rank N-1-r. One exchange with that rank; a world of one

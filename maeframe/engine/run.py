@@ -8,14 +8,16 @@ from ..build import Prepared
 
 def make_task(prepared: Prepared, resume: bool = False):
     """The run a prepared recipe describes, built (data, model, run directory checked) and ready to `train()`:
-    `Pretrainer` (`JointPretrainer` for a joint recipe), `FineTuner`, `LinearProbe` or `KnnTask`."""
+    `Pretrainer` (`JointPretrainer` for a joint recipe), `FineTuner`, `LinearProbe`, `KnnTask` or `RetrievalTask`."""
     from .finetune import FineTuner
     from .joint_pretrain import JointPretrainer
     from .knn_eval import KnnTask
     from .linprobe import LinearProbe
     from .pretrain import Pretrainer
+    from .retrieval_eval import RetrievalTask
 
-    engines = {"pretrain": JointPretrainer if prepared.joint else Pretrainer, "finetune": FineTuner, "linprobe": LinearProbe, "knn": KnnTask}
+    engines = {"pretrain": JointPretrainer if prepared.joint else Pretrainer, "finetune": FineTuner,
+               "linprobe": LinearProbe, "knn": KnnTask, "retrieval": RetrievalTask}
     return engines[prepared.recipe.task](prepared, resume=resume)
 
 
