@@ -89,7 +89,9 @@ def test_export_matches_videomae_for_pretraining_and_model(tmp_path, capsys):
         same_eps = hf(pixel_values=video.transpose(1, 2), bool_masked_pos=mask.masked.bool())
     masked = pred.values[mask.masked.bool()].reshape(2, -1, pred.values.shape[-1])  # ascending token order
     assert ref.logits.abs().max() > 0.1
-    torch.testing.assert_close(ref.logits, masked, atol=1e-5, rtol=0)  # measured 4.4e-6 (that eps), 4e-7 without
+    # stock transformers differs only by its decoder-norm eps (1e-5 vs 1e-6): measured up to 1.3e-5 on these
+    # random weights; with that eps aligned, the 1e-5 equivalence holds with room (measured 4e-7)
+    torch.testing.assert_close(ref.logits, masked, atol=5e-5, rtol=0)
     torch.testing.assert_close(same_eps.logits, masked, atol=2e-6, rtol=0)
     torch.testing.assert_close(ref.loss, loss, atol=1e-5, rtol=0)
     assert main(["export", "--format", "hf", "--encoder-only", str(tmp_path / "last.pt"), str(tmp_path / "enc")]) == 0

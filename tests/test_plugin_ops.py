@@ -270,7 +270,7 @@ def test_recipe_fields_lists_every_field_of_every_task(capsys):
     assert main(["recipe-fields"]) == 0
     out = capsys.readouterr().out
     sections = dict(re.findall(r"^task: (\w+).*\n((?:  .*\n)+)", out, re.M))
-    assert list(sections) == ["pretrain", "finetune", "linprobe", "knn"]
+    assert list(sections) == ["pretrain", "finetune", "linprobe", "knn", "retrieval"]
     for task in sections:
         assert re.search(r"^  runtime\.max_steps: stop after this many optimizer steps \(smoke runs\) "
                          r"\[int \| null, > 0; default null\]", sections[task], re.M)

@@ -373,7 +373,8 @@ def test_every_registration_hook_from_a_plugin(write_plugin):
                                     "data.train.name=my_dataset", "runtime.loggers=[my_logger]",
                                     "runtime.tensorboard=false"])
     assert type(prepared.components.masker).__name__ == "MyMasker"
-    assert [type(logger).__name__ for logger in prepared.components.loggers] == ["MyLogger"]
+    logger = prepared.provenance()["runtime.loggers.0"]
+    assert (logger["name"], logger["plugin"]) == ("my_logger", "mf_all_kinds")
 
 
 def test_validate_recipe_hook_rejects_with_a_field_path(write_plugin):
