@@ -19,6 +19,7 @@ from ..loss import Prediction
 from ..masker import Mask
 from ..recipe import ModelConfig
 from ..tokenizer import TokenSpec
+from .mae import init_mae_weights
 from .pos_embed import sincos_pos_embed
 from .vit import LayerNorm, gather_tokens, make_blocks, run_blocks, with_mask_tokens
 
@@ -156,16 +157,7 @@ class JointMaskedAutoencoder(nn.Module):
 
     def reset_parameters(self) -> None:
         """MAE initialisation (as `MaskedAutoencoder`), plus N(0, 0.02) type embeddings."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-        nn.init.normal_(self.encoder.cls_token, std=0.02)
-        nn.init.normal_(self.decoder.mask_token, std=0.02)
+        init_mae_weights(self)
         for name, param in self.named_parameters():
             if name.endswith("type_embed"):
                 nn.init.normal_(param, std=0.02)

@@ -40,19 +40,7 @@ class MaskedAutoencoder(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """MAE initialisation: xavier-uniform Linear weights (the patch embedding seen as a matrix),
-        zero biases, unit LayerNorms, N(0, 0.02) cls and mask tokens."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-        if self.encoder.cls_token is not None:
-            nn.init.normal_(self.encoder.cls_token, std=0.02)
-        nn.init.normal_(self.decoder.mask_token, std=0.02)
+        init_mae_weights(self)
 
     def forward(self, patches: Tensor, mask: Mask) -> Prediction:
         """patches [B, N, patch_dim] -> Prediction(values [B, N, out_dim], latent [B, 1 + V, D]; [B, V, D]
@@ -62,6 +50,23 @@ class MaskedAutoencoder(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {"encoder.cls_token", "decoder.mask_token"}
+
+
+def init_mae_weights(model: nn.Module) -> None:
+    """MAE initialisation of a model with `encoder.cls_token` (or None) and `decoder.mask_token`: xavier-uniform
+    Linear weights (the patch embedding seen as a matrix), zero biases, unit LayerNorms, N(0, 0.02) cls and
+    mask tokens."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    if model.encoder.cls_token is not None:
+        nn.init.normal_(model.encoder.cls_token, std=0.02)
+    nn.init.normal_(model.decoder.mask_token, std=0.02)
 
 
 def count_parameters(module: nn.Module) -> int:
