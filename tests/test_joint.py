@@ -258,3 +258,25 @@ def test_a_modality_view_of_the_joint_encoder_is_a_single_modality_encoder():
     view = ModalityEncoder(joint.encoder, "b")
     assert torch.allclose(single(patches, keep), view(patches, keep), atol=1e-5)  # type embedding folded in the bias
     assert torch.allclose(single(patches), view(patches), atol=1e-5)
+
+
+@pytest.mark.parametrize("modality", ["image", "video"])
+def test_one_joint_checkpoint_fine_tunes_on_each_modality(joint_run, tmp_path, modality):
+    """The k-NN recipes' tokenizer and data as a 2-step fine-tuning run from the joint checkpoint: the encoder
+    view of that modality loads (every parameter covered) and trains."""
+    import yaml
+
+    from maeframe.recipe import parse_recipe
+
+    tree = yaml.safe_load((RECIPES / f"knn_omni_fmnist_{modality}.yaml").read_text())
+    del tree["knn"]
+    tree.update(task="finetune", name=f"ft_{modality}", optim={"epochs": 1, "warmup_epochs": 0},
+                model={"embed_dim": 24, "depth": 1, "num_heads": 2}, head={"pool": "avg"},
+                augment={"mixup": 0, "cutmix": 0, "rand_augment": None, "random_erasing": 0})
+    tree["init"]["checkpoint"] = str(joint_run / "last.pt")
+    tree["data"].update(batch_size=8, num_workers=0)
+    tree["data"]["train"]["options"]["limit"] = 16
+    tree["data"]["eval"]["options"]["limit"] = 8
+    tree["runtime"].update(output_dir=str(tmp_path), device="cpu", max_steps=2)
+    result = run_task(prepare(parse_recipe(tree)))
+    assert result["init"]["checkpoint"] == str(joint_run / "last.pt") and 0 <= result["final"]["top1"] <= 100
