@@ -2,7 +2,6 @@
 one `JointMaskedAutoencoder` forward over the modalities of the batch, plus the cross-modal losses."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from ..build import Prepared
@@ -13,7 +12,7 @@ from ..tokenizer import Tokens
 from .distributed import World
 from .optim import build_optimizer
 from .runtime import Runtime
-from .step import OptimizerStep
+from .step import OptimizerStep, mae_losses
 
 
 class JointMAEStep(OptimizerStep):
@@ -74,12 +73,10 @@ class JointMAEStep(OptimizerStep):
         terms: dict[str, Tensor] = {}
         total: Tensor | float = 0.0
         for name in tokens:
-            flow = self.modalities[name]
-            with torch.no_grad(), self.runtime.autocast():
-                target = flow.target(tokens[name], masks[name])
-            for label, weight, loss in flow.losses:
-                terms[f"{name}/{label}"] = term = loss(predictions[name], target, masks[name])
-                total = total + weight * term
+            flow_total, flow_terms, _ = mae_losses(self.modalities[name], tokens[name], masks[name],
+                                                   predictions[name], self.runtime.autocast)
+            terms.update({f"{name}/{label}": term for label, term in flow_terms.items()})
+            total = total + flow_total
         for label, weight, loss in self.joint_losses:
             terms[f"joint/{label}"] = term = loss(predictions, masks)
             total = total + weight * term
